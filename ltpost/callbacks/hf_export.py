@@ -1,0 +1,87 @@
+"""HFExport: write the trained model as a Hugging Face folder that ``from_pretrained`` loads back."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+class HFExport(Callback):
+    """Save ``pl_module.model`` and its tokenizer (chat template included) as a Hugging Face folder.
+
+    The module must expose the Hugging Face model as ``model`` (and may expose ``tokenizer``; the datamodule's
+    tokenizer, which carries any chat template override, wins). A PEFT model is saved as an adapter folder,
+    which ``AutoModelForCausalLM.from_pretrained`` loads together with its base; ``merge_lora=True`` instead
+    saves full weights with the adapters merged (costs one extra copy of the model in host memory while it
+    runs; the trainer's own model keeps its adapters unmerged). Sharded (FSDP2 DTensor) weights are gathered on
+    every rank and written by rank zero.
+
+    Args:
+        dirpath: output folder; defaults to ``<log_dir>/hf_model``.
+        merge_lora: save merged full weights instead of a PEFT adapter.
+        on_checkpoint: also export beside each checkpoint Lightning saves, into ``<dirpath>/step-<N>``.
+        safe_serialization: write safetensors (True) or PyTorch pickles.
+    """
+
+    def __init__(
+        self, dirpath: str | None = None, merge_lora: bool = False, on_checkpoint: bool = False, safe_serialization: bool = True
+    ) -> None:
+        super().__init__()
+        self.dirpath = dirpath
+        self.merge_lora = merge_lora
+        self.on_checkpoint = on_checkpoint
+        self.safe_serialization = safe_serialization
+        self.last_export: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            root = trainer.log_dir if trainer.logger is not None else trainer.default_root_dir
+            self.dirpath = os.path.join(root or ".", "hf_model")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.export(trainer, pl_module, self.dirpath)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.on_checkpoint and not trainer.sanity_checking:
+            self.export(trainer, pl_module, os.path.join(self.dirpath, f"step-{trainer.global_step}"))
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dirpath: str) -> None:
+        """Write the folder; every rank must call it (gathering sharded weights is collective)."""
+        model = getattr(pl_module, "model", None)
+        if model is None or not hasattr(model, "save_pretrained"):
+            raise TypeError(
+                f"HFExport needs the module to hold a Hugging Face model in `.model`; {type(pl_module).__name__} does not."
+            )
+        state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+        if not trainer.is_global_zero:
+            return
+        if self.merge_lora and hasattr(model, "merge_and_unload"):
+            if any(isinstance(v, DTensor) for v in model.state_dict().values()):
+                raise NotImplementedError("merge_lora=True is not supported for sharded (DTensor) models yet; export the adapter.")
+            model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+        model.save_pretrained(dirpath, state_dict=state_dict, safe_serialization=self.safe_serialization)
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        tokenizer = tokenizer or getattr(pl_module, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(dirpath)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and tokenizer is not None:
+            generation_config.eos_token_id = tokenizer.eos_token_id
+            generation_config.pad_token_id = tokenizer.pad_token_id
+            generation_config.save_pretrained(dirpath)
+        self.last_export = dirpath
+        log.info(f"Exported a Hugging Face model to {dirpath}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": self.dirpath, "last_export": self.last_export}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_export = state_dict.get("last_export")

@@ -1,0 +1,3 @@
+from ltpost.datamodules.sft import SFTDataModule, collate_sft
+
+__all__ = ["SFTDataModule", "collate_sft"]

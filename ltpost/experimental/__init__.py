@@ -1,0 +1,1 @@
+"""Methods without a stability promise: same shape as the stable ones (a LightningModule + a LightningDataModule)."""

@@ -1,0 +1,3 @@
+from ltpost.modules.sft import SFTModule
+
+__all__ = ["SFTModule"]

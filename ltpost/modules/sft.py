@@ -1,0 +1,209 @@
+"""SFTModule: supervised fine-tuning of a causal LM (full, LoRA or QLoRA), padding-free by default."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from transformers import get_scheduler
+
+from ltpost.losses.sft import SFT_LOSSES
+from ltpost.models import Dtype, add_lora, load_model, load_tokenizer
+
+
+class SFTModule(LightningModule):
+    """Supervised fine-tuning: next-token loss on the tokens the datamodule marks (completion, assistant or all).
+
+    Pair it with ``ltpost.SFTDataModule``. The model is built in ``configure_model()``, so sharding strategies
+    see it only once it exists. Metrics use TRL's names under ``train/`` and ``eval/``: ``loss``, ``entropy``,
+    ``mean_token_accuracy``, ``num_tokens`` (cumulative non-padding input tokens over all ranks).
+
+    Args:
+        model: hub id, local path (full checkpoint or PEFT adapter folder) or built-in name (``ltpost:tiny-llama``).
+        loss_type: ``nll`` (cross-entropy) or ``dft`` (Dynamic Fine-Tuning: NLL weighted by the token's probability).
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay, applied to every weight except biases and norms.
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        adam_epsilon: AdamW epsilon.
+        lr_scheduler_type: schedule after warmup: ``linear``, ``cosine``, ``constant`` (transformers' schedulers).
+        warmup_steps: optimizer steps of linear warmup; overrides ``warmup_ratio`` when > 0.
+        warmup_ratio: warmup as a fraction of the run's optimizer steps.
+        dtype: dtype the weights are loaded in. Use ``float32`` with ``trainer.precision: bf16-mixed``, or
+            ``bfloat16`` with ``bf16-true`` to halve weight memory.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``... Padding-free batches need one that reads
+            ``position_ids`` (sdpa, flash_attention_2, flex_attention).
+        model_revision: hub revision (branch, tag or commit) of the model.
+        trust_remote_code: allow code from the model's repository to run.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more compute).
+        use_peft: train LoRA adapters instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names to adapt, or ``all-linear``.
+        lora_modules_to_save: modules trained in full alongside the adapters (e.g. ``lm_head``).
+        use_rslora: rank-stabilized LoRA scaling.
+        use_dora: weight-decomposed LoRA (DoRA).
+        load_in_4bit: QLoRA: load the base weights in 4-bit NF4 with bitsandbytes (implies ``use_peft``).
+        load_in_8bit: load the base weights in 8-bit with bitsandbytes (implies ``use_peft``).
+        logits_chunk_size: rows per chunk when computing log-probs and entropy (bounds memory on large vocabularies).
+        max_new_tokens: tokens generated per prompt by ``predict``.
+    """
+
+    def __init__(
+        self,
+        model: str = "ltpost:tiny-llama",
+        loss_type: Literal["nll", "dft"] = "nll",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_epsilon: float = 1e-8,
+        lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        dtype: Dtype = "float32",
+        attn_implementation: str | None = "sdpa",
+        model_revision: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        use_peft: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str = "all-linear",
+        lora_modules_to_save: list[str] | None = None,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        logits_chunk_size: int = 4096,
+        max_new_tokens: int = 64,
+    ) -> None:
+        super().__init__()
+        if loss_type not in SFT_LOSSES:
+            raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {sorted(SFT_LOSSES)}.")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.loss_fn = SFT_LOSSES[loss_type]
+        self.use_peft = use_peft or load_in_4bit or load_in_8bit
+        self.model = None
+        self.tokenizer = None  # set by configure_model; HFExport saves it beside the weights
+        self.num_tokens = 0  # cumulative non-padding input tokens on this rank (a Python int: no device sync)
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this hook on every fit/validate/test/predict
+            return
+        hp = self.hparams
+        model = load_model(
+            hp.model,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            revision=hp.model_revision,
+            trust_remote_code=hp.trust_remote_code,
+            load_in_4bit=hp.load_in_4bit,
+            load_in_8bit=hp.load_in_8bit,
+            gradient_checkpointing=hp.gradient_checkpointing,
+        )
+        if self.use_peft:
+            model = add_lora(
+                model,
+                r=hp.lora_r,
+                alpha=hp.lora_alpha,
+                dropout=hp.lora_dropout,
+                target_modules=hp.lora_target_modules,
+                modules_to_save=hp.lora_modules_to_save,
+                use_rslora=hp.use_rslora,
+                use_dora=hp.use_dora,
+            )
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
+        self.tokenizer = load_tokenizer(hp.model, revision=hp.model_revision, trust_remote_code=hp.trust_remote_code)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for a batch from ``collate_sft`` (padding-free batches carry no attention mask)."""
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self(batch)  # [B, T, V]
+        loss, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size)
+        self.num_tokens += batch["num_tokens"]
+        self._log_metrics("train", metrics, batch["num_loss_tokens"])
+        # Summed over ranks gives the global count; a scalar all-reduce on DDP, no host sync on the tensors.
+        self.log("train/num_tokens", float(self.num_tokens), reduce_fx="sum", sync_dist=True, batch_size=1)
+        return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("eval", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, prefix: str, batch: dict[str, Any]) -> None:
+        logits = self(batch)  # [B, T, V]
+        _, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size)
+        self._log_metrics(prefix, metrics, batch["num_loss_tokens"])
+
+    def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], num_loss_tokens: int) -> None:
+        # batch_size = loss tokens, so epoch-level values are token-weighted means, as a corpus-level loss should be.
+        on_step = prefix == "train"
+        for name, value in metrics.items():
+            self.log(
+                f"{prefix}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=not on_step,
+                prog_bar=name == "loss",
+                sync_dist=not on_step,
+                batch_size=num_loss_tokens,
+            )
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[str]:
+        """Greedy completions (decoded text) for a batch of left-padded prompts."""
+        output = self.model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # -- optimization --------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+            betas=(hp.adam_beta1, hp.adam_beta2),
+            eps=hp.adam_epsilon,
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total_steps)
+        scheduler = get_scheduler(hp.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint state ----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ltpost_num_tokens"] = self.num_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_tokens = checkpoint.get("ltpost_num_tokens", 0)
