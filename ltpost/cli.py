@@ -19,6 +19,12 @@ class LtpostCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # argparse accepts any unique prefix of a flag by default, so `--trainer.max_step` silently meant
+        # `--trainer.max_steps`; a typo must be an error instead, in the main parser and every subcommand's.
+        strict = {"allow_abbrev": False}
+        parser_kwargs = {**strict, **{name: dict(strict) for name in self.subcommands()}}
+        parser_kwargs.update(kwargs.pop("parser_kwargs", {}))
+        kwargs["parser_kwargs"] = parser_kwargs
         kwargs.setdefault("auto_configure_optimizers", False)  # modules own their optimizer and schedule
         super().__init__(
             LightningModule,

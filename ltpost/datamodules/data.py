@@ -26,12 +26,23 @@ def load_split(name: str, split: str, config: str | None = None, max_rows: int |
             )
         dataset = assets.load_task(task, split)
     elif os.path.exists(name):
-        dataset = _load_local(Path(name), split)
+        try:
+            dataset = _load_local(Path(name), split)
+        except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:  # a 0-byte json file
+            raise _empty(name, split) from error
+        except ValueError as error:
+            if "corresponds to no data" not in str(error):  # datasets' words for a header-only csv or `[]`
+                raise
+            raise _empty(name, split) from error
     else:
         dataset = datasets.load_dataset(name, config, split=split)
     if max_rows is not None:
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
+
+
+def _empty(name: str, split: str) -> ValueError:
+    return ValueError(f"Split {split!r} of dataset {name!r} is empty: it has no rows to train on. Check the file.")
 
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:

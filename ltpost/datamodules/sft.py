@@ -198,7 +198,8 @@ class SFTDataModule(LightningDataModule):
         assistant_only_loss: compute the loss on assistant tokens only (conversational ``messages`` data); needs a
             chat template that marks assistant turns with ``{% generation %}``.
         padding_free: concatenate each batch into one row with per-sequence ``position_ids`` instead of padding.
-            Needs an attention implementation that reads ``position_ids`` (sdpa, flash_attention_2, flex).
+            The model must run without a KV cache (``SFTModule`` does) so transformers builds the block-diagonal
+            mask from ``position_ids``; verified equal to padded logits with sdpa and eager.
         packing: pack rows into bins of ``max_length`` tokens before batching.
         packing_strategy: ``bfd`` (best-fit decreasing, sequences kept whole, needs ``padding_free``) or
             ``wrapped`` (the corpus cut into ``max_length`` blocks across document boundaries, for pre-training
@@ -335,12 +336,20 @@ class SFTDataModule(LightningDataModule):
         lengths = [len(ids) for ids in tokenized["input_ids"]]
         limit = self.max_length
         if limit is not None:
+            # Where the loss starts in each row: for prompt-completion data, the prompt's length.
+            loss_starts = [next((i for i, m in enumerate(mask) if m), len(mask)) for mask in tokenized["completion_mask"]]
+            if all(start >= limit for start in loss_starts):
+                raise ValueError(
+                    f"No row of split {split!r} keeps a loss token after truncation to max_length={limit}: the prompts "
+                    f"fill the whole length (shortest prompt {min(loss_starts)} tokens). Raise max_length or shorten "
+                    "the prompts."
+                )
             too_long = sum(n > limit for n in lengths)
             if too_long == len(lengths):
                 raise ValueError(
                     f"Every one of the {len(lengths)} rows of split {split!r} is longer than max_length={limit} "
                     f"tokens (shortest {min(lengths)}, median {int(statistics.median(lengths))}). Raise max_length, "
-                    "or use packing=True with packing_strategy='wrapped' for long documents."
+                    "or, for long documents, use packing=True with packing_strategy='wrapped'."
                 )
             if too_long:
                 log.warning(f"{too_long} of {len(lengths)} rows of split {split!r} are longer than max_length={limit} and are truncated.")
@@ -351,10 +360,7 @@ class SFTDataModule(LightningDataModule):
         # A row whose loss tokens were all cut off (prompt longer than max_length) teaches nothing.
         keep = [i for i, mask in enumerate(tokenized["completion_mask"]) if any(mask[1:])]
         if not keep:
-            raise ValueError(
-                f"No row of split {split!r} has a loss token left after truncation to max_length={limit}: the prompts "
-                "fill the whole length. Raise max_length or shorten the prompts."
-            )
+            raise ValueError(f"No row of split {split!r} has a loss token (check completion_mask / the chat template).")
         if len(keep) < len(tokenized):
             log.warning(f"Dropped {len(tokenized) - len(keep)} rows of split {split!r} with no loss token after truncation.")
             tokenized = tokenized.select(keep)
