@@ -60,9 +60,7 @@ MODEL = "ltpost:tiny-llama"
 DATASET = "ltpost:arithmetic"
 SEED = 0
 # The shipped recipe (configs/sft.yaml), minus gradient clipping, which would only add the same work to both sides.
-MODULE_KWARGS = dict(
-    model=MODEL, learning_rate=2e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_ratio=0.05
-)
+MODULE_KWARGS = dict(model=MODEL, learning_rate=2e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_ratio=0.05)
 DATA_KWARGS = dict(dataset=DATASET, tokenizer=MODEL, eval_split=None, assistant_only_loss=True, max_length=128)
 CLOCKS = ("wall", "cpu")
 
@@ -315,7 +313,8 @@ def summarize(variants, runs: list[Run], steps: int, warmup: int) -> dict:
             mine[c]["ratio_iter"] = mine[c]["iter_s"] / base[c]["iter_s"]
             mine[c]["ratio_fit"] = mine[c]["fit_s_per_step"] / base[c]["fit_s_per_step"]
             # Same round, so both sides ran under similar machine load.
-            mine[c]["ratio_step_per_round"] = [a / b for a, b in zip(mine[c]["step_s_per_round"], base[c]["step_s_per_round"])]
+            pairs = zip(mine[c]["step_s_per_round"], base[c]["step_s_per_round"])
+            mine[c]["ratio_step_per_round"] = [a / b for a, b in pairs]
     return summary
 
 
@@ -345,7 +344,10 @@ def markdown_tables(summary: dict) -> str:
     lines = [
         "Overhead: median per step, `wall / CPU`; ratio = variant / raw loop on the same batches",
         "",
-        "| variant | padding | step ms | iter ms | fit/step ms | ratio step | ratio iter | ratio fit | per-round step ratios (CPU) |",
+        (
+            "| variant | padding | step ms | iter ms | fit/step ms | ratio step | ratio iter | ratio fit "
+            "| per-round step ratios (CPU) |"
+        ),
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, s in summary.items():
@@ -438,7 +440,8 @@ def main(argv=None) -> dict:
     print(markdown_tables(summary))
     print()
     for mode, check in checks.items():
-        print(f"{mode}: identical batches {check['identical_batches']}, max |loss diff| {check['max_abs_loss_diff']:.1e}")
+        diff = check["max_abs_loss_diff"]
+        print(f"{mode}: identical batches {check['identical_batches']}, max |loss diff| {diff:.1e}")
     busiest = max(run.load_average for run in runs)
     if busiest > args.threads + 0.5:
         print(

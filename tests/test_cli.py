@@ -103,8 +103,9 @@ def test_print_config_round_trips(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "class_path: ltpost.SFTModule" in result.stdout
     (tmp_path / "printed.yaml").write_text(result.stdout)
-    cli = ParseOnlyCLI(args=["--config", str(tmp_path / "printed.yaml")], run=False)
-    assert cli.config["model"]["init_args"]["learning_rate"] == 2.0e-3
+    again = run_cli("fit", "--config", str(tmp_path / "printed.yaml"), "--print_config", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == result.stdout
 
 
 @pytest.mark.slow

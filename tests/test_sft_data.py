@@ -404,17 +404,17 @@ def test_bfd_packing_datamodule_keeps_every_sequence_whole():
 
 
 def test_wrapped_packing_cuts_the_corpus_into_max_length_blocks():
-    """The tokenized corpus (6 tokens x 20 rows = 120) cut into blocks of 16: 7 full blocks and one of 8;
-    concatenating the blocks gives the corpus back in order."""
+    """The tokenized corpus (20 rows of "a + b = c" with one token per digit: 229 tokens) cut into blocks of 16:
+    14 full blocks (224 tokens) and one of 5; concatenating the blocks gives the corpus back in order."""
     corpus_dm = setup_dm("ltpost:arithmetic-text", max_train_samples=20, eval_split=None)
     corpus = [t for r in corpus_dm.train_dataset for t in r["input_ids"]]
-    assert len(corpus) == 120
+    assert len(corpus) == 229
     dm = setup_dm(
         "ltpost:arithmetic-text", max_train_samples=20, eval_split=None, max_length=16,
         packing=True, packing_strategy="wrapped",
     )
     lengths = [len(r["input_ids"]) for r in dm.train_dataset]
-    assert lengths == [16] * 7 + [8]
+    assert lengths == [16] * 14 + [5]
     assert [r["seq_lengths"] for r in dm.train_dataset] == [[n] for n in lengths]
     assert [t for r in dm.train_dataset for t in r["input_ids"]] == corpus
 

@@ -24,7 +24,7 @@ TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 
 
 def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
-    """About 3.4M parameters: hidden 256, 4 layers, 4 heads (2 KV heads), tied embeddings."""
+    """About 3.1M parameters: hidden 256, 4 layers, 4 heads (2 KV heads), tied embeddings, 565-token vocabulary."""
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=256,

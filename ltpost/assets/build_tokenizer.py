@@ -4,7 +4,8 @@ A byte-level BPE (so any text round-trips) trained in a few seconds on the synth
 corpus, wrapped in ``PreTrainedTokenizerFast`` with a ChatML-style chat template. The assistant turn, end-of-turn
 token included, sits inside ``{% generation %}`` so ``return_assistant_tokens_mask`` yields assistant-only loss
 masks. No whitespace is emitted between turns, so a rendered prompt (with the generation prompt) is an exact token
-prefix of the rendered prompt + completion. The output is committed; this script documents how it was made.
+prefix of the rendered prompt + completion. Digits are single tokens. The output is committed; this script
+documents how it was made.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def training_corpus() -> list[str]:
 
 def build() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits are split one per token (as Llama and Qwen do): with whole numbers as single tokens, held-out sums
+    # are a grokking problem the tiny model does not solve in a CPU-sized run (measured: 1% exact after 600 steps).
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,

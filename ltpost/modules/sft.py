@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from transformers import get_scheduler
 
-from ltpost.losses.sft import SFT_LOSSES
+from ltpost.losses.sft import SFT_LOSSES, nll_loss
 from ltpost.models import Dtype, add_lora, load_model, load_tokenizer
 
 
@@ -18,7 +18,8 @@ class SFTModule(LightningModule):
 
     Pair it with ``ltpost.SFTDataModule``. The model is built in ``configure_model()``, so sharding strategies
     see it only once it exists. Metrics use TRL's names under ``train/`` and ``eval/``: ``loss``, ``entropy``,
-    ``mean_token_accuracy``, ``num_tokens`` (cumulative non-padding input tokens over all ranks).
+    ``mean_token_accuracy``, ``num_tokens`` (cumulative non-padding input tokens over all ranks). ``train/loss`` is
+    the training objective (``loss_type``); ``eval/loss`` is always the held-out NLL, comparable across loss types.
 
     Args:
         model: hub id, local path (full checkpoint or PEFT adapter folder) or built-in name (``ltpost:tiny-llama``).
@@ -155,8 +156,10 @@ class SFTModule(LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, prefix: str, batch: dict[str, Any]) -> None:
+        # Held-out loss is always the NLL, whatever the training loss: it is the number comparable across runs
+        # (DFT's objective -p*log(p) *rises* as the model improves, so it cannot say whether a run generalizes).
         logits = self(batch)  # [B, T, V]
-        _, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size)
+        _, metrics = nll_loss(logits, batch["shift_labels"], self.hparams.logits_chunk_size)
         self._log_metrics(prefix, metrics, batch["num_loss_tokens"])
 
     def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], num_loss_tokens: int) -> None:
