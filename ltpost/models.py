@@ -142,3 +142,35 @@ def add_lora(
         task_type=task_type,
     )
     return get_peft_model(model, config)
+
+
+def load_trainable_model(hp, name: str | None = None, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
+    """The model a module trains, from its standard hyperparameters (``model``, ``dtype``, LoRA/QLoRA switches...).
+
+    Every module names these arguments the same way, so one function reads them; ``name`` overrides
+    ``hp.model`` (e.g. for a reference model) and then no adapters are added.
+    """
+    model = load_model(
+        name or hp.model,
+        task=task,
+        dtype=hp.dtype,
+        attn_implementation=hp.attn_implementation,
+        revision=hp.model_revision,
+        trust_remote_code=hp.trust_remote_code,
+        load_in_4bit=hp.load_in_4bit and name is None,
+        load_in_8bit=hp.load_in_8bit and name is None,
+        gradient_checkpointing=hp.gradient_checkpointing and name is None,
+    )
+    if name is None and (hp.use_peft or hp.load_in_4bit or hp.load_in_8bit):
+        model = add_lora(
+            model,
+            r=hp.lora_r,
+            alpha=hp.lora_alpha,
+            dropout=hp.lora_dropout,
+            target_modules=hp.lora_target_modules,
+            modules_to_save=hp.lora_modules_to_save,
+            use_rslora=hp.use_rslora,
+            use_dora=hp.use_dora,
+            task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
+        )
+    return model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from transformers import get_scheduler
 
 from ltpost.losses.sft import SFT_LOSSES, nll_loss
-from ltpost.models import Dtype, add_lora, load_model, load_tokenizer
+from ltpost.models import Dtype, load_tokenizer, load_trainable_model
+from ltpost.optim import configure_adamw
 
 
 class SFTModule(LightningModule):
@@ -91,7 +90,6 @@ class SFTModule(LightningModule):
         self.save_hyperparameters()
         self.model_name = model
         self.loss_fn = SFT_LOSSES[loss_type]
-        self.use_peft = use_peft or load_in_4bit or load_in_8bit
         self.model = None
         self.tokenizer = None  # set by configure_model; HFExport saves it beside the weights
         self.num_tokens = 0  # cumulative non-padding input tokens on this rank (a Python int: no device sync)
@@ -100,28 +98,7 @@ class SFTModule(LightningModule):
         if self.model is not None:  # Lightning calls this hook on every fit/validate/test/predict
             return
         hp = self.hparams
-        model = load_model(
-            hp.model,
-            dtype=hp.dtype,
-            attn_implementation=hp.attn_implementation,
-            revision=hp.model_revision,
-            trust_remote_code=hp.trust_remote_code,
-            load_in_4bit=hp.load_in_4bit,
-            load_in_8bit=hp.load_in_8bit,
-            gradient_checkpointing=hp.gradient_checkpointing,
-        )
-        if self.use_peft:
-            model = add_lora(
-                model,
-                r=hp.lora_r,
-                alpha=hp.lora_alpha,
-                dropout=hp.lora_dropout,
-                target_modules=hp.lora_target_modules,
-                modules_to_save=hp.lora_modules_to_save,
-                use_rslora=hp.use_rslora,
-                use_dora=hp.use_dora,
-            )
-        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
+        self.model = load_trainable_model(hp)
         self.tokenizer = load_tokenizer(hp.model, revision=hp.model_revision, trust_remote_code=hp.trust_remote_code)
 
     # -- steps ---------------------------------------------------------------------------------------------------
@@ -192,21 +169,18 @@ class SFTModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=hp.learning_rate,
-            betas=(hp.adam_beta1, hp.adam_beta2),
-            eps=hp.adam_epsilon,
+        return configure_adamw(
+            self.model,
+            learning_rate=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            adam_beta1=hp.adam_beta1,
+            adam_beta2=hp.adam_beta2,
+            adam_epsilon=hp.adam_epsilon,
+            lr_scheduler_type=hp.lr_scheduler_type,
+            warmup_steps=hp.warmup_steps,
+            warmup_ratio=hp.warmup_ratio,
+            total_steps=self.trainer.estimated_stepping_batches,
         )
-        total_steps = self.trainer.estimated_stepping_batches
-        warmup = hp.warmup_steps or math.ceil(hp.warmup_ratio * total_steps)
-        scheduler = get_scheduler(hp.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
 

@@ -1,0 +1,43 @@
+"""AdamW with transformers' warmup schedules, shared by every module's ``configure_optimizers``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import get_scheduler
+
+
+def configure_adamw(
+    model: torch.nn.Module,
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    adam_beta1: float,
+    adam_beta2: float,
+    adam_epsilon: float,
+    lr_scheduler_type: str,
+    warmup_steps: int,
+    warmup_ratio: float,
+    total_steps: int | float,
+) -> dict[str, Any]:
+    """Lightning's optimizer dict: AdamW (no decay on biases and norms) and a per-step warmup schedule.
+
+    ``warmup_steps`` wins over ``warmup_ratio`` when positive; ``total_steps`` is the trainer's
+    ``estimated_stepping_batches``.
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+        betas=(adam_beta1, adam_beta2),
+        eps=adam_epsilon,
+    )
+    warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
+    scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
