@@ -5,8 +5,17 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 
 __version__ = "0.1.0"
 
-from ltpost.callbacks import HFExport
-from ltpost.datamodules import SFTDataModule
-from ltpost.modules import SFTModule
+from ltpost.callbacks import HFExport, ReferenceModel
+from ltpost.datamodules import PreferenceDataModule, SFTDataModule
+from ltpost.modules import DPOModule, RewardModule, SFTModule
 
-__all__ = ["HFExport", "SFTDataModule", "SFTModule", "__version__"]
+__all__ = [
+    "DPOModule",
+    "HFExport",
+    "PreferenceDataModule",
+    "ReferenceModel",
+    "RewardModule",
+    "SFTDataModule",
+    "SFTModule",
+    "__version__",
+]
