@@ -36,10 +36,16 @@ class HFExport(Callback):
     ) -> None:
         super().__init__()
         self.dirpath = dirpath
+        self._configured_dirpath = dirpath
         self.merge_lora = merge_lora
         self.on_checkpoint = on_checkpoint
         self.safe_serialization = safe_serialization
         self.last_export: str | None = None
+
+    @property
+    def state_key(self) -> str:
+        # Several exports may coexist (e.g. an adapter and a merged copy); each needs its own checkpoint slot.
+        return f"HFExport{{dirpath={self._configured_dirpath!r}, merge_lora={self.merge_lora}}}"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
