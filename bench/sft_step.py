@@ -33,8 +33,10 @@ Why the comparison is fair
   interleaved in a rotating order over ``--rounds`` rounds, medians reported, and the per-round paired ratios
   shown so the spread is visible. Every interval is measured twice: wall time, and CPU time of this process.
   CPU time stops while other processes hold the core, so on a busy machine it is the steadier of the two
-  (the script reports the load average and warns when the machine was busy). Checkpointing, validation, the
-  progress bar and the model summary are off.
+  (the script reports the load average and warns when the machine was busy). Even so, on a shared machine
+  single rounds can differ by 5-10%: look at the per-round ratios, and use more ``--rounds`` on a quiet
+  machine before reading a difference of a few percent. Checkpointing, validation, the progress bar and the
+  model summary are off, and the built-in model is materialized into a fresh cache from the current code.
 """
 
 from __future__ import annotations
@@ -430,9 +432,12 @@ def main(argv=None) -> dict:
     print(f"torch threads: {torch.get_num_threads()}  (torch {torch.__version__}, lightning {lightning.__version__})")
     print(f"{args.rounds} round(s) x {len(VARIANTS)} variants x {args.steps} steps, first {args.warmup} discarded")
 
-    datamodules = make_datamodules(args.batch_size)
-    with tempfile.TemporaryDirectory(prefix="ltpost-bench-") as log_dir:
-        runs = measure(VARIANTS, datamodules, args.steps, args.rounds, args.warmup, not args.quick, log_dir)
+    with tempfile.TemporaryDirectory(prefix="ltpost-bench-") as scratch:
+        # A fresh cache: the built-in model is materialized from the current code, never read from a folder
+        # that an older version of the tokenizer or config left in ~/.cache/ltpost.
+        os.environ["LTPOST_CACHE"] = str(Path(scratch) / "cache")
+        datamodules = make_datamodules(args.batch_size)
+        runs = measure(VARIANTS, datamodules, args.steps, args.rounds, args.warmup, not args.quick, scratch)
     checks = check_same_work(VARIANTS, runs)
     summary = summarize(VARIANTS, runs, args.steps, args.warmup)
 

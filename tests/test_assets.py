@@ -78,8 +78,8 @@ def test_all_tasks_use_the_same_pairs():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_preference_rows(split):
-    """chosen is the correct sum of the two numbers in the question, rejected is a different non-negative
-    integer off by 1, 2 or 10."""
+    """chosen is the correct sum of the two numbers in the question, rejected a clearly wrong one: an integer in
+    [0, 198] (the range of sums) at least 5 away from the correct sum."""
     rows = make_rows("arithmetic-preference", split, num_rows=300)
     for row in rows:
         a, b = (int(n) for n in re.findall(r"\d+", row["prompt"][0]["content"]))
@@ -89,7 +89,7 @@ def test_preference_rows(split):
         rejected = row["rejected"][0]["content"]
         assert row["rejected"][0]["role"] == "assistant"
         assert rejected != row["chosen"][0]["content"]
-        assert int(rejected) >= 0 and abs(int(rejected) - (a + b)) in {1, 2, 10}
+        assert 0 <= int(rejected) <= 198 and abs(int(rejected) - (a + b)) >= 5
 
 
 def test_unknown_task_and_split():
@@ -173,9 +173,9 @@ TINY_LLAMA_PARAMETERS = 3_096_064
 def test_materialize_builtin_model_creates_a_loadable_folder(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("LTPOST_CACHE", str(tmp_path / "cache"))
     folder = materialize_builtin_model("ltpost:tiny-llama")
-    assert folder == tmp_path / "cache" / "models" / "tiny-llama-seed0"
+    assert folder.parent == tmp_path / "cache" / "models" and folder.name.startswith("tiny-llama-seed0-")
     assert (folder / "config.json").exists()
-    assert [p.name for p in folder.parent.iterdir()] == ["tiny-llama-seed0"]  # no staging folder left behind
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staging folder left behind
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -209,13 +209,30 @@ def test_materialize_is_cached_and_seeded(tmp_path, monkeypatch):
     monkeypatch.setenv("LTPOST_CACHE", str(tmp_path / "b"))
     folder_b = materialize_builtin_model("ltpost:tiny-llama")
     folder_seed1 = materialize_builtin_model("ltpost:tiny-llama", seed=1)
-    assert folder_seed1.name == "tiny-llama-seed1"
+    assert folder_seed1.name.startswith("tiny-llama-seed1-")
     state_a = AutoModelForCausalLM.from_pretrained(folder_a).state_dict()
     state_b = AutoModelForCausalLM.from_pretrained(folder_b).state_dict()
     state_1 = AutoModelForCausalLM.from_pretrained(folder_seed1).state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert not torch.equal(state_a["model.embed_tokens.weight"], state_1["model.embed_tokens.weight"])
+
+
+def test_a_changed_config_never_reuses_a_stale_folder(tmp_path, monkeypatch):
+    """The folder name carries a digest of config + tokenizer: a different config materializes a new folder."""
+    monkeypatch.setenv("LTPOST_CACHE", str(tmp_path))
+    original = materialize_builtin_model("ltpost:tiny-llama")
+    make_config, model_class = assets.BUILTIN_MODELS["tiny-llama"]
+
+    def wider(tokenizer):
+        config = make_config(tokenizer)
+        config.intermediate_size = 512
+        return config
+
+    monkeypatch.setitem(assets.BUILTIN_MODELS, "tiny-llama", (wider, model_class))
+    changed = materialize_builtin_model("ltpost:tiny-llama")
+    assert changed != original
+    assert AutoModelForCausalLM.from_pretrained(changed).config.intermediate_size == 512
 
 
 def test_materialize_does_not_disturb_the_global_rng(tmp_path, monkeypatch):

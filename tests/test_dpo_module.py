@@ -131,7 +131,7 @@ def test_resume_reuses_the_precomputed_reference(tmp_path):
 
 
 def test_metrics_under_trl_names(tmp_path):
-    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2)
+    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, log_every_n_steps=1)
     trainer.fit(DPOModule(learning_rate=1e-3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), datamodule=data())
     names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected", "logits/chosen", "logits/rejected"]

@@ -48,7 +48,9 @@ def test_metrics_under_trl_names_and_token_count(tmp_path):
     recorder = RecordMetrics()
     module = SFTModule(learning_rate=1e-3)
     data = SFTDataModule(batch_size=4, max_train_samples=64, max_eval_samples=8)
-    trainer = cpu_trainer(tmp_path, max_steps=3, limit_val_batches=2, val_check_interval=3, callbacks=[recorder])
+    trainer = cpu_trainer(
+        tmp_path, max_steps=3, limit_val_batches=2, val_check_interval=3, callbacks=[recorder], log_every_n_steps=1
+    )
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics
     for name in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
@@ -61,6 +63,24 @@ def test_metrics_under_trl_names_and_token_count(tmp_path):
     assert module.num_tokens == counts[-1]
     assert 0.0 <= float(metrics["train/mean_token_accuracy"]) <= 1.0
     assert float(metrics["train/entropy"]) > 0.0
+
+
+def test_diagnostics_are_computed_only_on_logging_steps(tmp_path):
+    """With log_every_n_steps=3, entropy/accuracy exist in the step outputs at steps 0 and 2 (the logged ones) only;
+    the loss is there on every step."""
+
+    class Outputs(Callback):
+        def __init__(self):
+            self.keys = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.keys.append(sorted(outputs))
+
+    outputs = Outputs()
+    trainer = cpu_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[outputs], log_every_n_steps=3)
+    trainer.fit(SFTModule(learning_rate=1e-3), datamodule=SFTDataModule(batch_size=2, max_train_samples=16, eval_split=None))
+    full, loss_only = ["entropy", "loss", "mean_token_accuracy"], ["loss"]
+    assert outputs.keys == [full, loss_only, full, loss_only]
 
 
 def test_training_step_loss_equals_pure_loss_on_the_batch(tmp_path):

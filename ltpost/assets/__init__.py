@@ -9,6 +9,7 @@ local checkpoint, so the real loading code is the only loading code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -70,14 +71,18 @@ def materialize_builtin_model(name: str, seed: int = 0) -> Path:
         raise ValueError(
             f"Unknown built-in model {name!r}. Available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}."
         )
-    target = cache_dir() / "models" / f"{short}-seed{seed}"
-    if (target / "config.json").exists():
-        return target
     make_config, model_class = BUILTIN_MODELS[short]
     tokenizer = load_builtin_tokenizer()
+    config = make_config(tokenizer)
+    # The folder name carries a digest of the config and tokenizer, so changing either (a new ltpost version)
+    # never silently loads a stale checkpoint whose vocabulary no longer matches.
+    digest = hashlib.sha256(config.to_json_string().encode() + (TOKENIZER_DIR / "tokenizer.json").read_bytes())
+    target = cache_dir() / "models" / f"{short}-seed{seed}-{digest.hexdigest()[:10]}"
+    if (target / "config.json").exists():
+        return target
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = model_class(make_config(tokenizer))
+        model = model_class(config)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None
     )

@@ -55,10 +55,17 @@ def _pairs(split: str, num_rows: int, seed: int, max_operand: int) -> list[tuple
     return rows
 
 
-def _wrong_answer(answer: int, rng: random.Random) -> int:
-    offset = rng.choice([-10, -2, -1, 1, 2, 10])
-    wrong = answer + offset
-    return wrong if wrong >= 0 else answer + abs(offset)
+def _wrong_answer(answer: int, rng: random.Random, max_sum: int) -> int:
+    """A plausible but clearly wrong sum: in range, and at least 5 away from the answer.
+
+    Near misses (off by 1 or 2) would make preferences depend on exact arithmetic, which a few-million-parameter
+    model does not have; clearly wrong answers are what preference data mostly contains, and they let DPO and a
+    reward model learn something a tiny model can generalize to held-out pairs.
+    """
+    while True:
+        wrong = rng.randrange(0, max_sum + 1)
+        if abs(wrong - answer) >= 5:
+            return wrong
 
 
 def make_rows(task: str, split: str, num_rows: int | None = None, seed: int = 0, max_operand: int = 99) -> list[dict]:
@@ -85,7 +92,7 @@ def make_rows(task: str, split: str, num_rows: int | None = None, seed: int = 0,
                 {
                     "prompt": prompt,
                     "chosen": [{"role": "assistant", "content": str(answer)}],
-                    "rejected": [{"role": "assistant", "content": str(_wrong_answer(answer, rng))}],
+                    "rejected": [{"role": "assistant", "content": str(_wrong_answer(answer, rng, 2 * max_operand))}],
                     "answer": str(answer),
                 }
             )

@@ -17,10 +17,14 @@ from ltpost.losses.logprobs import entropy_from_logits, selective_log_softmax
 IGNORE_INDEX = -100
 
 
-def _token_logps_and_metrics(logits: Tensor, shift_labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor, dict]:
+def _token_logps_and_metrics(
+    logits: Tensor, shift_labels: Tensor, chunk_size: int, with_metrics: bool = True
+) -> tuple[Tensor, Tensor, dict]:
     mask = shift_labels != IGNORE_INDEX  # [B, T]
     num_loss_tokens = mask.sum().clamp(min=1)  # [] stays on device: no host sync
     token_logps = selective_log_softmax(logits, shift_labels.clamp(min=0), chunk_size)  # [B, T]
+    if not with_metrics:  # the entropy is a second pass over [B, T, V]: skip it when nobody logs it
+        return token_logps * mask, num_loss_tokens, {}
     with torch.no_grad():
         entropy = (entropy_from_logits(logits, chunk_size) * mask).sum() / num_loss_tokens  # []
         correct = (logits.argmax(-1) == shift_labels) & mask  # [B, T]
@@ -29,7 +33,9 @@ def _token_logps_and_metrics(logits: Tensor, shift_labels: Tensor, chunk_size: i
     return token_logps * mask, num_loss_tokens, metrics
 
 
-def nll_loss(logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+def nll_loss(
+    logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024, with_metrics: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Negative log-likelihood of the labels, averaged over loss tokens.
 
     ``loss = -(1/N) * sum_t log p(y_t)`` over the ``N`` positions whose label is not ``-100``.
@@ -38,16 +44,20 @@ def nll_loss(logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024) -> tu
         logits: ``[B, T, V]`` model outputs.
         shift_labels: ``[B, T]`` next-token targets, ``-100`` where ignored.
         chunk_size: rows per chunk in the log-softmax (memory bound, see ``losses.logprobs``).
+        with_metrics: also compute ``entropy`` and ``mean_token_accuracy`` (one more pass over the logits).
 
     Returns:
-        ``(loss, metrics)`` with metrics ``loss``, ``entropy``, ``mean_token_accuracy`` (detached).
+        ``(loss, metrics)`` with metrics ``loss``, ``entropy``, ``mean_token_accuracy`` (detached; only ``loss``
+        when ``with_metrics`` is False).
     """
-    token_logps, num_loss_tokens, metrics = _token_logps_and_metrics(logits, shift_labels, chunk_size)  # [B, T]
+    token_logps, num_loss_tokens, metrics = _token_logps_and_metrics(logits, shift_labels, chunk_size, with_metrics)
     loss = -token_logps.sum() / num_loss_tokens  # []
     return loss, {"loss": loss.detach(), **metrics}
 
 
-def dft_loss(logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+def dft_loss(
+    logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024, with_metrics: bool = True
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Dynamic Fine-Tuning (Wu et al., 2025): each token's NLL weighted by its own, detached, probability.
 
     ``loss = -(1/N) * sum_t sg(p(y_t)) * log p(y_t)``. Tokens the model already finds unlikely get little
@@ -57,11 +67,12 @@ def dft_loss(logits: Tensor, shift_labels: Tensor, chunk_size: int = 1024) -> tu
         logits: ``[B, T, V]`` model outputs.
         shift_labels: ``[B, T]`` next-token targets, ``-100`` where ignored.
         chunk_size: rows per chunk in the log-softmax.
+        with_metrics: also compute ``entropy`` and ``mean_token_accuracy``.
 
     Returns:
         ``(loss, metrics)`` as in ``nll_loss``.
     """
-    token_logps, num_loss_tokens, metrics = _token_logps_and_metrics(logits, shift_labels, chunk_size)  # [B, T]
+    token_logps, num_loss_tokens, metrics = _token_logps_and_metrics(logits, shift_labels, chunk_size, with_metrics)
     weights = token_logps.detach().exp()  # [B, T] p(y_t); exp(0) = 1 on masked positions, but token_logps is 0 there
     loss = -(weights * token_logps).sum() / num_loss_tokens  # []
     return loss, {"loss": loss.detach(), **metrics}

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from ltpost.losses.sft import SFT_LOSSES, nll_loss
+from ltpost.metrics import is_logging_step
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import configure_adamw
 
@@ -119,11 +120,12 @@ class SFTModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self(batch)  # [B, T, V]
-        loss, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size)
+        log_all = is_logging_step(self)  # diagnostics only when the logger writes them (see ltpost.metrics)
+        loss, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size, with_metrics=log_all)
         self.num_tokens += batch["num_tokens"]
         self._log_metrics("train", metrics, batch["num_loss_tokens"])
-        # Summed over ranks gives the global count; a scalar all-reduce on DDP, no host sync on the tensors.
-        self.log("train/num_tokens", float(self.num_tokens), reduce_fx="sum", sync_dist=True, batch_size=1)
+        if log_all:  # summed over ranks gives the global count: a scalar all-reduce on DDP
+            self.log("train/num_tokens", float(self.num_tokens), reduce_fx="sum", sync_dist=True, batch_size=1)
         return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

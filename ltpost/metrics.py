@@ -1,0 +1,20 @@
+"""When to compute and log diagnostics.
+
+``self.log`` costs about 0.4 ms per call on CPU (Lightning copies its bookkeeping on every call; measured in
+``bench/``), and diagnostics such as the entropy over the vocabulary cost a pass over the logits. Modules log the
+loss every step and the rest only on the steps the logger writes, so no work is done for values nobody reads.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+
+def is_logging_step(module: pl.LightningModule) -> bool:
+    """True on the optimizer steps the logger writes (every ``log_every_n_steps``), and without a trainer."""
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # called outside a Trainer (a unit test, a notebook): compute everything
+        return True
+    every = trainer.log_every_n_steps or 1
+    return (trainer.global_step + 1) % every == 0 or trainer.global_step == 0
