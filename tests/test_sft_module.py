@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ltpost import SFTDataModule, SFTModule
 from ltpost.losses.sft import nll_loss
-from tests.helpers import arithmetic_exact_match, cpu_trainer
+from tests.helpers import cpu_trainer
 
 
 class RecordMetrics(Callback):
@@ -23,25 +23,6 @@ class RecordMetrics(Callback):
 
 def snapshot(module: SFTModule) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-
-
-@pytest.mark.slow
-def test_sft_learns_arithmetic(tmp_path):
-    """Held-out loss falls and exact match on held-out sums rises (the test split shares no pair with train)."""
-    module = SFTModule(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01)
-    data = SFTDataModule(assistant_only_loss=True, batch_size=16, max_length=64, max_eval_samples=200)
-    trainer = cpu_trainer(tmp_path, max_steps=1200, limit_val_batches=None, gradient_clip_val=1.0)
-    before = trainer.validate(module, datamodule=data, verbose=False)[0]
-    exact_before = arithmetic_exact_match(module.model, data.tokenizer)
-    trainer.fit(module, datamodule=data)
-    after = trainer.validate(module, datamodule=data, verbose=False)[0]
-    exact_after = arithmetic_exact_match(module.model, data.tokenizer)
-    print(f"eval/loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f}; exact {exact_before:.3f} -> {exact_after:.3f}")
-    assert after["eval/loss"] < 0.5 * before["eval/loss"]
-    assert after["eval/mean_token_accuracy"] > before["eval/mean_token_accuracy"] + 0.3
-    assert after["eval/loss"] < 1.0  # measured ~0.7 after 1200 steps in a plain-loop run of the same recipe
-    assert exact_before == 0.0
-    assert exact_after >= 0.05
 
 
 def test_metrics_under_trl_names_and_token_count(tmp_path):

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from ltpost.assets.tasks import TASKS, load_task, make_rows
@@ -88,7 +89,11 @@ def materialize_builtin_model(name: str, seed: int = 0) -> Path:
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{short}-", dir=target.parent))
-    model.save_pretrained(staging)
+    # Not model.save_pretrained: under an initialized process group transformers writes only on global rank 0,
+    # and ranks of another node (with a node-local cache) would wait forever. Every rank can write its own copy.
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})  # dedupes the tied weights
     tokenizer.save_pretrained(staging)
     try:
         staging.rename(target)
