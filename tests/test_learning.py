@@ -7,6 +7,7 @@ starting point of the preference methods, as in configs/sft.yaml -> configs/dpo.
 from __future__ import annotations
 
 import pytest
+from lightning.pytorch import seed_everything
 
 from ltpost import DPOModule, HFExport, PreferenceDataModule, RewardModule, SFTDataModule, SFTModule
 from tests.helpers import arithmetic_exact_match, cpu_trainer
@@ -16,11 +17,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    """SFT of the tiny model on arithmetic (the recipe of configs/sft.yaml, 1200 steps), exported."""
+    """SFT of the tiny model on arithmetic (the recipe of configs/sft.yaml), exported."""
+    seed_everything(0)  # the data order depends on the global RNG: without a seed, results vary run to run
     root = tmp_path_factory.mktemp("sft")
     module = SFTModule(learning_rate=1e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01)
     data = SFTDataModule(assistant_only_loss=True, batch_size=16, max_length=64, max_eval_samples=200)
-    trainer = cpu_trainer(root, max_steps=1200, gradient_clip_val=1.0, callbacks=[HFExport(dirpath=str(root / "hf"))])
+    trainer = cpu_trainer(root, max_steps=1500, gradient_clip_val=1.0, callbacks=[HFExport(dirpath=str(root / "hf"))])
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
     exact_before = arithmetic_exact_match(module.model, data.tokenizer)
     trainer.fit(module, datamodule=data)
@@ -35,32 +37,34 @@ def test_sft_learns_arithmetic(sft_run):
     exact_before, exact_after = sft_run["exact"]
     print(f"eval/loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f}; exact {exact_before:.3f} -> {exact_after:.3f}")
     assert after["eval/loss"] < 0.5 * before["eval/loss"]
-    assert after["eval/loss"] < 1.0  # measured ~0.75 after 1200 steps
+    assert after["eval/loss"] < 1.0  # measured 0.75-0.87
     assert after["eval/mean_token_accuracy"] > before["eval/mean_token_accuracy"] + 0.3
     assert exact_before == 0.0
-    assert exact_after >= 0.05  # measured 0.12-0.15
+    assert exact_after >= 0.05  # measured 0.07-0.15 across seeds and step counts
 
 
 def test_dpo_learns_to_prefer_correct_answers(sft_run, tmp_path):
     """From the SFT checkpoint, held-out rewards/accuracies goes from 0 (policy == reference: all ties) to >= 0.9."""
+    seed_everything(0)
     module = DPOModule(sft_run["path"], beta=0.1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_ratio=0.05)
     data = PreferenceDataModule(batch_size=16, max_length=128, max_eval_samples=200)
-    trainer = cpu_trainer(tmp_path, max_steps=150, gradient_clip_val=1.0)
+    trainer = cpu_trainer(tmp_path, max_steps=200, gradient_clip_val=1.0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
     trainer.fit(module, datamodule=data)
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
     print({k: (round(before[k], 3), round(after[k], 3)) for k in after})
     assert before["eval/rewards/accuracies"] == 0.0 and before["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert after["eval/rewards/accuracies"] >= 0.9  # measured 0.93 after 100 steps
+    assert after["eval/rewards/accuracies"] >= 0.9  # measured 0.915-0.93 (0.875 from a weaker 1200-step SFT)
     assert after["eval/rewards/margins"] > 0.3
     assert after["eval/loss"] < before["eval/loss"] - 0.1
 
 
 def test_reward_model_ranks_held_out_pairs(sft_run, tmp_path):
     """From the SFT backbone (fresh score head, ~0.5 accuracy), held-out pairwise accuracy reaches >= 0.9."""
+    seed_everything(0)
     module = RewardModule(sft_run["path"], learning_rate=3e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01)
     data = PreferenceDataModule(batch_size=16, max_length=128, max_eval_samples=200)
-    trainer = cpu_trainer(tmp_path, max_steps=400, gradient_clip_val=1.0)
+    trainer = cpu_trainer(tmp_path, max_steps=500, gradient_clip_val=1.0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
     trainer.fit(module, datamodule=data)
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
