@@ -129,6 +129,23 @@ def test_adapter_disabled_reference_equals_the_base_model(tmp_path):
     assert (policy - expected).abs().max() > 1e-3
 
 
+def test_validate_in_a_new_trainer_rebuilds_the_reference_from_its_source(tmp_path):
+    """A trained module validated by a fresh Trainer (no checkpoint state): the precomputed reference is the source
+    checkpoint, not the trained policy, so the implicit rewards are not all zero."""
+    module = DPOModule(learning_rate=5e-2)
+    trainer = cpu_trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, datamodule=data())
+    fresh = cpu_trainer(tmp_path)
+    metrics = fresh.validate(module, datamodule=data(), verbose=False)[0]
+    assert abs(metrics["eval/rewards/margins"]) > 1e-3
+    base = module.build_reference_model(None).eval()
+    [reference] = [c for c in fresh.callbacks if isinstance(c, ReferenceModel)]
+    dm = fresh.datamodule
+    with torch.no_grad():
+        expected = module.reference_compute(base, dm.collate([dm.eval_dataset[i] for i in range(8)]))
+    torch.testing.assert_close(reference.tables["eval"][:8], expected, atol=1e-6, rtol=0)
+
+
 def test_sync_mode_mixes_policy_into_reference(tmp_path):
     """TR-DPO: after optimizer step 2 (sync_steps=2), ref = 0.6 * policy + 0.4 * ref_initial, exactly once."""
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -193,7 +194,19 @@ class ReferenceModel(Callback):
                 "ReferenceModel(mode='precompute') needs a datamodule (with train_dataset/eval_dataset/collate) and a "
                 "module with `reference_compute(model, batch)`. Use mode='copy' otherwise."
             )
-        model = self._build_reference(pl_module) if self.model_name is not None else pl_module.model
+        # The policy is the reference only while provably untouched (fitting, before the first step). Otherwise
+        # (e.g. `validate` on a trained module in a new Trainer) the reference is rebuilt from its source.
+        untouched = trainer.state.fn == TrainerFn.FITTING and trainer.global_step == 0
+        if self.model_name is None and untouched:
+            model = pl_module.model
+        elif self.model_name is None and not hasattr(pl_module, "build_reference_model"):
+            raise ValueError(
+                "ReferenceModel(mode='precompute') cannot tell what the reference is: the policy has already been "
+                "trained and the module has no build_reference_model(). Resume from the checkpoint (it holds the "
+                "table) or set ReferenceModel(model=...)."
+            )
+        else:
+            model = self._build_reference(pl_module)
         was_training = model.training
         model.eval()
         rank, world = trainer.global_rank, trainer.world_size
