@@ -46,7 +46,7 @@ def test_sft_learns_arithmetic(sft_run):
 def test_dpo_learns_to_prefer_correct_answers(sft_run, tmp_path):
     """From the SFT checkpoint, held-out rewards/accuracies goes from 0 (policy == reference: all ties) to >= 0.9."""
     seed_everything(0)
-    module = DPOModule(sft_run["path"], beta=0.1, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_ratio=0.05)
+    module = DPOModule(sft_run["path"], beta=0.3, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_ratio=0.05)
     data = PreferenceDataModule(batch_size=16, max_length=128, max_eval_samples=200)
     trainer = cpu_trainer(tmp_path, max_steps=200, gradient_clip_val=1.0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -54,7 +54,7 @@ def test_dpo_learns_to_prefer_correct_answers(sft_run, tmp_path):
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
     print({k: (round(before[k], 3), round(after[k], 3)) for k in after})
     assert before["eval/rewards/accuracies"] == 0.0 and before["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-    assert after["eval/rewards/accuracies"] >= 0.9  # measured 0.915-0.93 (0.875 from a weaker 1200-step SFT)
+    assert after["eval/rewards/accuracies"] >= 0.9  # measured 0.945 (beta 0.3); beta 0.1 gave 0.875-0.93
     assert after["eval/rewards/margins"] > 0.3
     assert after["eval/loss"] < before["eval/loss"] - 0.1
 
