@@ -116,7 +116,7 @@ def test_fit_validate_and_predict_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "lightning_logs" / "version_0"
     assert list(run_dir.glob("events.out.tfevents.*"))
-    assert (run_dir / "hf_model" / "model.safetensors").exists()
+    assert (tmp_path / "outputs" / "sft-arithmetic" / "model.safetensors").exists()  # HFExport's dirpath in sft.yaml
     checkpoint = next((run_dir / "checkpoints").glob("*.ckpt"))
     result = run_cli("validate", *common, "--ckpt_path", str(checkpoint), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
