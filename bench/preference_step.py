@@ -25,7 +25,7 @@ The DPO raw step: one policy forward over the concatenated chosen + rejected seq
 selective_log_softmax`` and ``ltpost.losses.dpo.sequence_logps`` for the sequence log-probs, ``ltpost.losses.dpo.
 dpo_loss`` (the module's pure loss, metrics included), backward, AdamW step, zero_grad, LR-scheduler step. The
 reward raw step: ``sequence_scores``, ``bradley_terry_loss``, backward, AdamW step, zero_grad, scheduler step.
-Both use ``ltpost.optim.configure_adamw`` (the very optimizer and schedule the modules build) and the
+Both use ``ltpost.optim.adamw_from_hparams`` (the very optimizer and schedule the modules build) and the
 hyperparameters of ``configs/dpo.yaml`` / ``configs/reward.yaml`` (minus gradient clipping, which would add the
 same work to both sides). The raw reference forwards run under ``torch.inference_mode()`` followed by a clone,
 as ``ReferenceModel`` does (on this model ``no_grad`` costs the same within noise).
@@ -75,17 +75,15 @@ import argparse
 import gc
 import hashlib
 import json
-import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from benchlib import CLOCKS, clock, common_parser, environment, identity, parse_common, quiet, since
 
 MODEL = "ltpost:tiny-llama"
 DATASET = "ltpost:arithmetic-preference"
@@ -108,7 +106,6 @@ REWARD_KWARGS = {
     "weight_decay": 0.01,
 }
 DATA_KWARGS = {"dataset": DATASET, "tokenizer": MODEL, "eval_split": None, "max_length": 128}
-CLOCKS = ("wall", "cpu")
 
 
 @dataclass(frozen=True)
@@ -136,15 +133,6 @@ VARIANTS = (
     *pair("dpo-precompute-padded", "dpo", padding_free=False, reference="precompute"),
     *pair("reward", "reward"),
 )
-
-
-def clock() -> tuple[float, float]:
-    """Wall seconds and CPU seconds of this process (all its threads)."""
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> dict[str, float]:
-    return {name: b - a for name, a, b in zip(CLOCKS, start, clock())}
 
 
 @dataclass
@@ -181,10 +169,6 @@ class Run:
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-
-
-def identity(batch):
-    return batch
 
 
 def make_data(batch_size: int, steps: int):
@@ -268,7 +252,7 @@ class RawLoop:
     def __init__(self, variant: Variant, datamodule, steps: int, round_index: int) -> None:
         from ltpost import DPOModule, RewardModule
         from ltpost.models import load_model
-        from ltpost.optim import configure_adamw
+        from ltpost.optim import adamw_from_hparams
 
         self.variant, self.datamodule = variant, datamodule
         self.dpo = variant.method == "dpo"
@@ -293,18 +277,7 @@ class RawLoop:
             self.reference = load_model(hp.model, dtype=hp.dtype, attn_implementation=hp.attn_implementation).eval()
             self.reference.requires_grad_(False)
             self.run.reference_setup_s = since(start)
-        optim = configure_adamw(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2,
-            adam_epsilon=hp.adam_epsilon,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_steps,
-            warmup_ratio=hp.warmup_ratio,
-            total_steps=steps,
-        )
+        optim = adamw_from_hparams(self.model, hp, steps)
         self.optimizer, self.scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         self.setup_s = since(self.start_fit)
 
@@ -624,58 +597,19 @@ def markdown_table(summary: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=4, help="first steps of every run left out of the statistics")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
-    parser.add_argument("--batch-size", type=int, default=16, help="preference pairs per step (2x sequences)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser = common_parser(
+        __doc__.split("\n\n")[0], steps=24, warmup=4, batch_help="preference pairs per step (2x sequences)"
+    )
     parser.add_argument("--loss-tolerance", type=float, default=1e-5, help="max |loss difference| between sides")
-    parser.add_argument("--quick", action="store_true", help="a few steps, one round: checks that the script runs")
-    parser.add_argument("--output", type=Path, help="write every timing and the summary to this JSON file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.warmup, args.rounds = 4, 1, 1
-    if args.steps < args.warmup + 2:
-        parser.error("--steps must exceed --warmup by at least 2 (medians need measured steps and intervals)")
-    return args
-
-
-def quiet() -> None:
-    """Silence per-run chatter (device info, tips, progress bars) so the timings stay readable."""
-    import datasets
-    import lightning.pytorch  # noqa: F401  (configures its loggers on import, so levels are set afterwards)
-    import transformers
-
-    for name in ("lightning.pytorch", "lightning.fabric", "ltpost"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    return parse_common(parser, argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet()
-    import lightning
-    import transformers
-
     started = time.perf_counter()
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "transformers": transformers.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
-    print(f"torch threads: {torch.get_num_threads()}  (torch {torch.__version__}, lightning {lightning.__version__})")
+    env = environment()
     comparisons = len({v.comparison for v in VARIANTS})
     print(
         f"{args.rounds} round(s) x {comparisons} comparisons (ltpost and raw in lockstep) x {args.steps} steps, "

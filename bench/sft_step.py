@@ -20,7 +20,7 @@ Every Trainer uses ``log_every_n_steps=50``. The comparisons, each read as a rat
    step: ``model(input_ids, attention_mask, position_ids, use_cache=False)``, ``ltpost.losses.sft.nll_loss`` (the
    very function the module calls) with ``with_metrics`` on exactly the steps the module computes entropy and
    accuracy (``ltpost.metrics.is_logging_step``: step 0 and every 50th), the non-padding token count, backward,
-   AdamW step, zero_grad, LR-scheduler step, with ``ltpost.optim.configure_adamw`` (the optimizer and schedule
+   AdamW step, zero_grad, LR-scheduler step, with ``ltpost.optim.adamw_from_hparams`` (the optimizer and schedule
    the module builds) and the hyperparameters of ``configs/sft.yaml`` (minus gradient clipping, which would add
    the same work to both sides).
 2. Padding-free versus padded: ``ltpost`` / ``ltpost-padded`` (two ltpost runs, paired the same way): time per
@@ -80,18 +80,16 @@ import argparse
 import gc
 import hashlib
 import json
-import logging
 import os
-import platform
 import statistics
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from benchlib import CLOCKS, clock, common_parser, environment, identity, parse_common, quiet, since
 
 MODEL = "ltpost:tiny-llama"
 DATASET = "ltpost:arithmetic"
@@ -114,7 +112,6 @@ DATA_KWARGS = {
     "max_length": 128,
 }
 PADDING_LOSS_TOLERANCE = 1e-4  # first-step |loss difference| allowed between padding-free and padded batches
-CLOCKS = ("wall", "cpu")
 
 
 @dataclass(frozen=True)
@@ -134,20 +131,6 @@ VARIANTS = (
     Variant("ltpost-padded", lightning=True, padding_free=False, baseline="raw-padded"),
 )
 PADDING_PAIR = ("ltpost", "ltpost-padded")  # padding-free versus padded: both ltpost, no logger
-
-
-def clock() -> tuple[float, float]:
-    """Wall seconds and CPU seconds of this process (all its threads, so a logger's writer thread counts)."""
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> dict[str, float]:
-    return {name: b - a for name, a, b in zip(CLOCKS, start, clock())}
-
-
-def is_logging_step(global_step: int) -> bool:
-    """``ltpost.metrics.is_logging_step`` for a Trainer with ``log_every_n_steps=LOG_EVERY_N_STEPS``."""
-    return (global_step + 1) % LOG_EVERY_N_STEPS == 0 or global_step == 0
 
 
 @dataclass
@@ -187,10 +170,6 @@ class Run:
 
 
 # -- data -----------------------------------------------------------------------------------------------------
-
-
-def identity(batch):
-    return batch
 
 
 def make_data(batch_size: int, steps: int):
@@ -307,24 +286,14 @@ class RawSide(Side):
     def train(self) -> None:
         from ltpost import SFTModule
         from ltpost.losses.sft import nll_loss
+        from ltpost.metrics import logs_at_step
         from ltpost.models import load_model
-        from ltpost.optim import configure_adamw
+        from ltpost.optim import adamw_from_hparams
 
         hp = SFTModule(**MODULE_KWARGS).hparams  # the module's own defaults for all that the kwargs leave unset
         torch.manual_seed(SEED)
         model = load_model(hp.model, dtype=hp.dtype, attn_implementation=hp.attn_implementation).train()
-        optim = configure_adamw(
-            model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2,
-            adam_epsilon=hp.adam_epsilon,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_steps,
-            warmup_ratio=hp.warmup_ratio,
-            total_steps=self.steps,
-        )
+        optim = adamw_from_hparams(model, hp, self.steps)
         optimizer, scheduler = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
         run, num_tokens, outer = self.run, 0, None
         for index, batch in enumerate(self.batches[: self.steps]):
@@ -338,7 +307,8 @@ class RawSide(Side):
                 position_ids=batch["position_ids"],
                 use_cache=False,
             ).logits  # [B, T, V]
-            with_metrics = is_logging_step(index)  # optimizer steps done so far = index, as trainer.global_step
+            # ltpost's own rule; the optimizer steps done so far (index) play trainer.global_step.
+            with_metrics = logs_at_step(index, LOG_EVERY_N_STEPS)
             loss, metrics = nll_loss(logits, batch["shift_labels"], hp.logits_chunk_size, with_metrics=with_metrics)
             num_tokens += batch["num_tokens"]  # as the module counts them
             loss.backward()
@@ -673,57 +643,16 @@ def markdown_tables(summary: dict, padding: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run (>= 50 reaches a logging step)")
-    parser.add_argument("--warmup", type=int, default=10, help="first steps of every run left out of the statistics")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, each training all variants in lockstep")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--quick", action="store_true", help="a few steps, one round: checks that the script runs")
-    parser.add_argument("--output", type=Path, help="write every timing and the summary to this JSON file")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.warmup, args.rounds = 4, 1, 1
-    if args.steps < args.warmup + 2:
-        parser.error("--steps must exceed --warmup by at least 2 (medians need measured steps and intervals)")
-    return args
-
-
-def quiet() -> None:
-    """Silence per-run chatter (device info, tips, progress bars) so the timings stay readable."""
-    import datasets
-    import lightning.pytorch  # noqa: F401  (configures its loggers on import, so levels are set afterwards)
-    import transformers
-
-    for name in ("lightning.pytorch", "lightning.fabric", "ltpost"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    parser = common_parser(__doc__.split("\n\n")[0], steps=60, warmup=10, batch_help="chat rows per step")
+    return parse_common(parser, argv)  # --steps >= 50 reaches a logging step
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet()
-    import lightning
-    import transformers
-
     started = time.perf_counter()
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "transformers": transformers.__version__,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
-    print(f"torch threads: {torch.get_num_threads()}  (torch {torch.__version__}, lightning {lightning.__version__})")
+    env = environment()
     print(
         f"{args.rounds} round(s) x {len(VARIANTS)} variants in lockstep x {args.steps} steps, "
         f"first {args.warmup} discarded"

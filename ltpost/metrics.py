@@ -10,11 +10,15 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 
+def logs_at_step(global_step: int, log_every_n_steps: int) -> bool:
+    """The rule itself: step 0, and the steps after which the logger writes (every ``log_every_n_steps``)."""
+    return (global_step + 1) % (log_every_n_steps or 1) == 0 or global_step == 0
+
+
 def is_logging_step(module: pl.LightningModule) -> bool:
     """True on the optimizer steps the logger writes (every ``log_every_n_steps``), and without a trainer."""
     try:
         trainer = module.trainer
     except RuntimeError:  # called outside a Trainer (a unit test, a notebook): compute everything
         return True
-    every = trainer.log_every_n_steps or 1
-    return (trainer.global_step + 1) % every == 0 or trainer.global_step == 0
+    return logs_at_step(trainer.global_step, trainer.log_every_n_steps)

@@ -41,3 +41,19 @@ def configure_adamw(
     warmup = warmup_steps or math.ceil(warmup_ratio * total_steps)
     scheduler = get_scheduler(lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw_from_hparams(model: torch.nn.Module, hp, total_steps: int | float) -> dict[str, Any]:
+    """``configure_adamw`` from a module's hyperparameters; every module names these arguments the same way."""
+    return configure_adamw(
+        model,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        adam_beta1=hp.adam_beta1,
+        adam_beta2=hp.adam_beta2,
+        adam_epsilon=hp.adam_epsilon,
+        lr_scheduler_type=hp.lr_scheduler_type,
+        warmup_steps=hp.warmup_steps,
+        warmup_ratio=hp.warmup_ratio,
+        total_steps=total_steps,
+    )

@@ -21,7 +21,7 @@ from ltpost.losses.dpo import dpo_loss as compute_dpo_loss
 from ltpost.losses.logprobs import selective_log_softmax
 from ltpost.metrics import is_logging_step
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
-from ltpost.optim import configure_adamw
+from ltpost.optim import adamw_from_hparams
 
 IGNORE_INDEX = -100
 
@@ -122,7 +122,9 @@ class DPOModule(LightningModule):
         if unknown:
             raise ValueError(f"Unknown loss_type {unknown}; choose from {sorted(DPO_LOSSES)}.")
         if loss_weights is not None and len(loss_weights) != len(loss_types):
-            raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types; give one each.")
+            raise ValueError(
+                f"loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types; give one each."
+            )
         if f_divergence_type not in F_DIVERGENCES:
             raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; choose from {sorted(F_DIVERGENCES)}.")
         if beta <= 0:
@@ -159,7 +161,9 @@ class DPOModule(LightningModule):
     def reference(self) -> ReferenceModel:
         found = [c for c in self.trainer.callbacks if isinstance(c, ReferenceModel)]
         if not found:
-            raise RuntimeError("DPOModule needs a ReferenceModel callback; it adds one itself unless callbacks were replaced.")
+            raise RuntimeError(
+                "DPOModule needs a ReferenceModel callback; it adds one itself unless callbacks were replaced."
+            )
         return found[0]
 
     # -- log-probs -----------------------------------------------------------------------------------------------
@@ -174,7 +178,9 @@ class DPOModule(LightningModule):
         ).logits  # [R, T, V]
         labels = batch["shift_labels"]  # [R, T]
         mask = labels != IGNORE_INDEX  # [R, T]
-        token_logps = selective_log_softmax(logits, labels.clamp(min=0), self.hparams.logits_chunk_size) * mask  # [R, T]
+        token_logps = (
+            selective_log_softmax(logits, labels.clamp(min=0), self.hparams.logits_chunk_size) * mask
+        )  # [R, T]
         num_sequences = 2 * batch["num_pairs"]
         public = None
         if self.hparams.ld_alpha is not None:
@@ -243,7 +249,12 @@ class DPOModule(LightningModule):
         log_all = is_logging_step(self)  # each self.log costs ~0.4 ms: diagnostics only when written (ltpost.metrics)
         for name, value in metrics.items():
             if log_all or name == "loss":
-                self.log(f"train/{name}", value, prog_bar=name in ("loss", "rewards/accuracies"), batch_size=batch["num_pairs"])
+                self.log(
+                    f"train/{name}",
+                    value,
+                    prog_bar=name in ("loss", "rewards/accuracies"),
+                    batch_size=batch["num_pairs"],
+                )
         if log_all:
             self.log("train/num_tokens", float(self.num_tokens), reduce_fx="sum", sync_dist=True, batch_size=1)
         return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
@@ -262,19 +273,7 @@ class DPOModule(LightningModule):
     # -- optimization and state ----------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_adamw(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2,
-            adam_epsilon=hp.adam_epsilon,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_steps,
-            warmup_ratio=hp.warmup_ratio,
-            total_steps=self.trainer.estimated_stepping_batches,
-        )
+        return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ltpost_num_tokens"] = self.num_tokens

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from ltpost.losses.reward import bradley_terry_loss
 from ltpost.metrics import is_logging_step
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
-from ltpost.optim import configure_adamw
+from ltpost.optim import adamw_from_hparams
 
 
 def sequence_scores(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -118,7 +118,9 @@ class RewardModule(LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         chosen, rejected = self(batch)  # [B], [B]
-        loss, metrics = bradley_terry_loss(chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient)
+        loss, metrics = bradley_terry_loss(
+            chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient
+        )
         self.num_tokens += batch["num_tokens"]
         log_all = is_logging_step(self)  # each self.log costs ~0.4 ms: diagnostics only when written (ltpost.metrics)
         for name, value in metrics.items():
@@ -140,22 +142,17 @@ class RewardModule(LightningModule):
         for name, value in metrics.items():
             # min/max over the split need min/max reductions; the rest are pair-weighted means.
             reduce_fx = {"min_reward": "min", "max_reward": "max"}.get(name, "mean")
-            self.log(f"{prefix}/{name}", value, on_epoch=True, sync_dist=True, reduce_fx=reduce_fx, batch_size=batch["num_pairs"])
+            self.log(
+                f"{prefix}/{name}",
+                value,
+                on_epoch=True,
+                sync_dist=True,
+                reduce_fx=reduce_fx,
+                batch_size=batch["num_pairs"],
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_adamw(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2,
-            adam_epsilon=hp.adam_epsilon,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_steps,
-            warmup_ratio=hp.warmup_ratio,
-            total_steps=self.trainer.estimated_stepping_batches,
-        )
+        return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ltpost_num_tokens"] = self.num_tokens

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from ltpost.losses.sft import SFT_LOSSES, nll_loss
 from ltpost.metrics import is_logging_step
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
-from ltpost.optim import configure_adamw
+from ltpost.optim import adamw_from_hparams
 
 
 class SFTModule(LightningModule):
@@ -121,7 +121,9 @@ class SFTModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self(batch)  # [B, T, V]
         log_all = is_logging_step(self)  # diagnostics only when the logger writes them (see ltpost.metrics)
-        loss, metrics = self.loss_fn(logits, batch["shift_labels"], self.hparams.logits_chunk_size, with_metrics=log_all)
+        loss, metrics = self.loss_fn(
+            logits, batch["shift_labels"], self.hparams.logits_chunk_size, with_metrics=log_all
+        )
         self.num_tokens += batch["num_tokens"]
         self._log_metrics("train", metrics, batch["num_loss_tokens"])
         if log_all:  # summed over ranks gives the global count: a scalar all-reduce on DDP
@@ -170,19 +172,7 @@ class SFTModule(LightningModule):
     # -- optimization --------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return configure_adamw(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            adam_beta1=hp.adam_beta1,
-            adam_beta2=hp.adam_beta2,
-            adam_epsilon=hp.adam_epsilon,
-            lr_scheduler_type=hp.lr_scheduler_type,
-            warmup_steps=hp.warmup_steps,
-            warmup_ratio=hp.warmup_ratio,
-            total_steps=self.trainer.estimated_stepping_batches,
-        )
+        return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)
 
     # -- checkpoint state ----------------------------------------------------------------------------------------
 
