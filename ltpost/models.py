@@ -56,7 +56,9 @@ def load_tokenizer(
     return tokenizer
 
 
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(
+    load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
     """QLoRA's recipe: 4-bit NF4 with double quantization (or plain 8-bit); None when neither is asked for."""
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are exclusive: set at most one of them.")
@@ -144,7 +146,9 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def load_trainable_model(hp, name: str | None = None, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"):
+def load_trainable_model(
+    hp, name: str | None = None, task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+):
     """The model a module trains, from its standard hyperparameters (``model``, ``dtype``, LoRA/QLoRA switches...).
 
     Every module names these arguments the same way, so one function reads them; ``name`` overrides

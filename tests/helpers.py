@@ -27,7 +27,9 @@ def arithmetic_exact_match(model, tokenizer, num_rows: int = 200) -> float:
     """Fraction of held-out sums the model answers exactly with greedy decoding."""
     rows = make_rows("arithmetic", "test", num_rows=num_rows)
     prompts = [
-        tokenizer.apply_chat_template(r["messages"][:1], tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        tokenizer.apply_chat_template(r["messages"][:1], tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
         for r in rows
     ]
     width = max(len(p) for p in prompts)

@@ -49,11 +49,16 @@ def test_dotted_overrides_reach_the_objects(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = LtpostCLI(
         args=[
-            "--config", str(REPO / "configs" / "sft.yaml"),
-            "--trainer.max_steps", "10",
-            "--model.init_args.learning_rate", "2e-5",
-            "--model.init_args.loss_type", "dft",
-            "--data.init_args.batch_size", "3",
+            "--config",
+            str(REPO / "configs" / "sft.yaml"),
+            "--trainer.max_steps",
+            "10",
+            "--model.init_args.learning_rate",
+            "2e-5",
+            "--model.init_args.loss_type",
+            "dft",
+            "--data.init_args.batch_size",
+            "3",
         ],
         run=False,
     )
@@ -63,9 +68,7 @@ def test_dotted_overrides_reach_the_objects(tmp_path, monkeypatch):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ltpost", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "ltpost", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_typo_in_yaml_key_is_rejected_by_name(tmp_path):

@@ -19,7 +19,11 @@ def run_script(script: str, *args: str, tmp_path: Path, timeout: int = 300) -> d
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "scripts" / script), *args, str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())

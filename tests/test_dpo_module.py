@@ -172,7 +172,9 @@ def test_resume_reuses_the_precomputed_reference(tmp_path):
     so recomputing would silently change the reference)."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     reference = ReferenceModel(mode="precompute")
-    trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[reference, checkpoint], enable_checkpointing=True)
+    trainer = cpu_trainer(
+        tmp_path, max_steps=2, limit_val_batches=0, callbacks=[reference, checkpoint], enable_checkpointing=True
+    )
     trainer.fit(DPOModule(learning_rate=1e-2), datamodule=data())
     table = reference.tables["train"].clone()
 
@@ -187,16 +189,31 @@ def test_resume_reuses_the_precomputed_reference(tmp_path):
 def test_metrics_under_trl_names(tmp_path):
     trainer = cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1, val_check_interval=2, log_every_n_steps=1)
     trainer.fit(DPOModule(learning_rate=1e-3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), datamodule=data())
-    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected", "logits/chosen", "logits/rejected"]
+    names = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+    ]
     for name in names:
         assert f"train/{name}" in trainer.callback_metrics and f"eval/{name}" in trainer.callback_metrics, name
     assert trainer.callback_metrics["train/num_tokens"] > 0
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(loss_type="ipo"), dict(use_weighting=True), dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
-               dict(f_divergence_type="js_divergence"), dict(loss_type="robust", label_smoothing=0.1)]
+    "kwargs",
+    [
+        dict(loss_type="ipo"),
+        dict(use_weighting=True),
+        dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
+        dict(f_divergence_type="js_divergence"),
+        dict(loss_type="robust", label_smoothing=0.1),
+    ],
 )
 def test_variants_train_and_stay_finite(tmp_path, kwargs):
     first = FirstStep()
@@ -210,9 +227,13 @@ def test_padded_and_padding_free_give_the_same_loss(tmp_path):
     for padding_free in (True, False):
         first = FirstStep()
         torch.manual_seed(0)
-        trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[first, ReferenceModel(mode="copy")])
+        trainer = cpu_trainer(
+            tmp_path, max_steps=1, limit_val_batches=0, callbacks=[first, ReferenceModel(mode="copy")]
+        )
         dm = data(padding_free=padding_free)
-        dm.train_dataloader = lambda dm=dm: torch.utils.data.DataLoader(dm.train_dataset, batch_size=8, collate_fn=dm.collate)
+        dm.train_dataloader = lambda dm=dm: torch.utils.data.DataLoader(
+            dm.train_dataset, batch_size=8, collate_fn=dm.collate
+        )
         trainer.fit(DPOModule(learning_rate=1e-3, beta=1.0, loss_type="sft"), datamodule=dm)
         losses.append(first.outputs["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)

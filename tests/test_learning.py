@@ -35,7 +35,9 @@ def test_sft_learns_arithmetic(sft_run):
     """Held-out loss falls and exact match on held-out sums rises (the test split shares no pair with train)."""
     before, after = sft_run["before"], sft_run["after"]
     exact_before, exact_after = sft_run["exact"]
-    print(f"eval/loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f}; exact {exact_before:.3f} -> {exact_after:.3f}")
+    print(
+        f"eval/loss {before['eval/loss']:.3f} -> {after['eval/loss']:.3f}; exact {exact_before:.3f} -> {exact_after:.3f}"
+    )
     assert after["eval/loss"] < 0.5 * before["eval/loss"]
     assert after["eval/loss"] < 1.0  # measured 0.75-0.87
     assert after["eval/mean_token_accuracy"] > before["eval/mean_token_accuracy"] + 0.3
@@ -62,7 +64,9 @@ def test_dpo_learns_to_prefer_correct_answers(sft_run, tmp_path):
 def test_reward_model_ranks_held_out_pairs(sft_run, tmp_path):
     """From the SFT backbone (fresh score head, ~0.5 accuracy), held-out pairwise accuracy reaches >= 0.9."""
     seed_everything(0)
-    module = RewardModule(sft_run["path"], learning_rate=3e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01)
+    module = RewardModule(
+        sft_run["path"], learning_rate=3e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01
+    )
     data = PreferenceDataModule(batch_size=16, max_length=128, max_eval_samples=200)
     trainer = cpu_trainer(tmp_path, max_steps=500, gradient_clip_val=1.0)
     before = trainer.validate(module, datamodule=data, verbose=False)[0]

@@ -20,7 +20,11 @@ def test_bradley_terry_closed_form():
     torch.testing.assert_close(loss, torch.tensor(expected))
     assert metrics["accuracy"].item() == 0.5
     assert metrics["margin"].item() == 0.0
-    assert (metrics["min_reward"].item(), metrics["mean_reward"].item(), metrics["max_reward"].item()) == (0.0, 1.0, 2.0)
+    assert (metrics["min_reward"].item(), metrics["mean_reward"].item(), metrics["max_reward"].item()) == (
+        0.0,
+        1.0,
+        2.0,
+    )
 
 
 def test_margin_shifts_the_difference():

@@ -36,7 +36,9 @@ def test_scores_agree_padded_and_padding_free_and_with_hf_pooling():
 def test_trains_logs_and_exports_a_loadable_classifier(tmp_path):
     export = HFExport(dirpath=str(tmp_path / "rm"))
     module = RewardModule(learning_rate=1e-3, center_rewards_coefficient=0.01)
-    trainer = cpu_trainer(tmp_path, max_steps=4, limit_val_batches=2, val_check_interval=4, callbacks=[export], log_every_n_steps=1)
+    trainer = cpu_trainer(
+        tmp_path, max_steps=4, limit_val_batches=2, val_check_interval=4, callbacks=[export], log_every_n_steps=1
+    )
     module.configure_model()
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     trainer.fit(module, datamodule=data())
@@ -48,7 +50,9 @@ def test_trains_logs_and_exports_a_loadable_classifier(tmp_path):
     dm = trainer.datamodule
     batch = dm.collate([dm.eval_dataset[i] for i in range(4)])
     with torch.no_grad():
-        torch.testing.assert_close(sequence_scores(reloaded, batch), sequence_scores(module.model.eval(), batch), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            sequence_scores(reloaded, batch), sequence_scores(module.model.eval(), batch), atol=1e-5, rtol=0
+        )
 
 
 def test_lora_reward_model_trains_adapters_and_head_only(tmp_path):

@@ -308,9 +308,9 @@ def _logits_padded_vs_padding_free(model, rows):
         # The same concatenated row read as ONE sequence (positions 0..N-1): what attention would see without
         # the per-sequence restarts. It must differ, or the comparison above proves nothing.
         flat_positions = torch.arange(padding_free["input_ids"].shape[1])[None]
-        leaked_logits = model(
-            input_ids=padding_free["input_ids"], position_ids=flat_positions, use_cache=False
-        ).logits[0]
+        leaked_logits = model(input_ids=padding_free["input_ids"], position_ids=flat_positions, use_cache=False).logits[
+            0
+        ]
     return packed_logits, padded_logits[padded["attention_mask"].bool()], leaked_logits
 
 
@@ -410,8 +410,12 @@ def test_wrapped_packing_cuts_the_corpus_into_max_length_blocks():
     corpus = [t for r in corpus_dm.train_dataset for t in r["input_ids"]]
     assert len(corpus) == 229
     dm = setup_dm(
-        "ltpost:arithmetic-text", max_train_samples=20, eval_split=None, max_length=16,
-        packing=True, packing_strategy="wrapped",
+        "ltpost:arithmetic-text",
+        max_train_samples=20,
+        eval_split=None,
+        max_length=16,
+        packing=True,
+        packing_strategy="wrapped",
     )
     lengths = [len(r["input_ids"]) for r in dm.train_dataset]
     assert lengths == [16] * 14 + [5]
@@ -421,8 +425,13 @@ def test_wrapped_packing_cuts_the_corpus_into_max_length_blocks():
 
 def test_wrapped_packing_allows_padding_and_bfd_requires_padding_free():
     dm = setup_dm(
-        "ltpost:arithmetic-text", max_train_samples=4, eval_split=None, max_length=8,
-        packing=True, packing_strategy="wrapped", padding_free=False,
+        "ltpost:arithmetic-text",
+        max_train_samples=4,
+        eval_split=None,
+        max_length=8,
+        packing=True,
+        packing_strategy="wrapped",
+        padding_free=False,
     )
     batch = dm.collate([dm.train_dataset[i] for i in range(3)])
     assert batch["attention_mask"].tolist() == [[1] * 8] * 3
@@ -641,8 +650,12 @@ def test_conversational_data_needs_a_chat_template(tmp_path, tokenizer):
         setup_dm("ltpost:arithmetic", tokenizer=plain, max_train_samples=4, eval_split=None)
     # The fix the message names works: pass the template.
     fixed = setup_dm(
-        "ltpost:arithmetic", tokenizer=plain, chat_template=tokenizer.chat_template, max_train_samples=4,
-        eval_split=None, assistant_only_loss=True,
+        "ltpost:arithmetic",
+        tokenizer=plain,
+        chat_template=tokenizer.chat_template,
+        max_train_samples=4,
+        eval_split=None,
+        assistant_only_loss=True,
     )
     answer = load_task("arithmetic", "train", 1)[0]["answer"]
     assert tokenizer.decode(masked_ids(fixed.train_dataset[0])) == answer + EOT

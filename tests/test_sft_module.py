@@ -59,7 +59,9 @@ def test_diagnostics_are_computed_only_on_logging_steps(tmp_path):
 
     outputs = Outputs()
     trainer = cpu_trainer(tmp_path, max_steps=4, limit_val_batches=0, callbacks=[outputs], log_every_n_steps=3)
-    trainer.fit(SFTModule(learning_rate=1e-3), datamodule=SFTDataModule(batch_size=2, max_train_samples=16, eval_split=None))
+    trainer.fit(
+        SFTModule(learning_rate=1e-3), datamodule=SFTDataModule(batch_size=2, max_train_samples=16, eval_split=None)
+    )
     full, loss_only = ["entropy", "loss", "mean_token_accuracy"], ["loss"]
     assert outputs.keys == [full, loss_only, full, loss_only]
 

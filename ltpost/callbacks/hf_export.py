@@ -32,7 +32,11 @@ class HFExport(Callback):
     """
 
     def __init__(
-        self, dirpath: str | None = None, merge_lora: bool = False, on_checkpoint: bool = False, safe_serialization: bool = True
+        self,
+        dirpath: str | None = None,
+        merge_lora: bool = False,
+        on_checkpoint: bool = False,
+        safe_serialization: bool = True,
     ) -> None:
         super().__init__()
         self.dirpath = dirpath
@@ -55,7 +59,9 @@ class HFExport(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.export(trainer, pl_module, self.dirpath)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.on_checkpoint and not trainer.sanity_checking:
             self.export(trainer, pl_module, os.path.join(self.dirpath, f"step-{trainer.global_step}"))
 
@@ -71,7 +77,9 @@ class HFExport(Callback):
             return
         if self.merge_lora and hasattr(model, "merge_and_unload"):
             if any(isinstance(v, DTensor) for v in model.state_dict().values()):
-                raise NotImplementedError("merge_lora=True is not supported for sharded (DTensor) models yet; export the adapter.")
+                raise NotImplementedError(
+                    "merge_lora=True is not supported for sharded (DTensor) models yet; export the adapter."
+                )
             model, state_dict = copy.deepcopy(model).merge_and_unload(), None
         model.save_pretrained(dirpath, state_dict=state_dict, safe_serialization=self.safe_serialization)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None

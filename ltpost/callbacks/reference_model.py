@@ -42,7 +42,9 @@ ComputeFn = Callable[[torch.nn.Module, dict[str, Any]], Tensor]
 def resolve_mode(mode: Mode, policy_is_peft: bool, has_separate_model: bool) -> str:
     """The concrete mode for ``auto``; a ``ValueError`` for impossible combinations."""
     if mode == "adapter" and not policy_is_peft:
-        raise ValueError("ReferenceModel(mode='adapter') needs a PEFT policy (use_peft=True); use 'precompute' or 'copy'.")
+        raise ValueError(
+            "ReferenceModel(mode='adapter') needs a PEFT policy (use_peft=True); use 'precompute' or 'copy'."
+        )
     if mode == "adapter" and has_separate_model:
         raise ValueError("mode='adapter' uses the policy's own base weights; it cannot use a separate reference model.")
     if mode != "auto":
@@ -135,8 +137,12 @@ class ReferenceModel(Callback):
     def _ensure_ready(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: tuple[str, ...]) -> None:
         if self.resolved_mode is None:
             policy = pl_module.model
-            self.resolved_mode = resolve_mode(self.mode, hasattr(policy, "disable_adapter"), self.model_name is not None)
-            log.info(f"ReferenceModel: mode {self.resolved_mode!r}" + (f" from {self.model_name}" if self.model_name else ""))
+            self.resolved_mode = resolve_mode(
+                self.mode, hasattr(policy, "disable_adapter"), self.model_name is not None
+            )
+            log.info(
+                f"ReferenceModel: mode {self.resolved_mode!r}" + (f" from {self.model_name}" if self.model_name else "")
+            )
         if self.resolved_mode in ("copy", "sync") and self.reference is None:
             # sync mixes parameters one to one, so it copies the policy's exact structure (adapters included);
             # its weights come back from the checkpoint on resume.

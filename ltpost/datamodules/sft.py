@@ -76,7 +76,9 @@ def tokenize_row(
         mask = [0 if completion_only_loss else 1] * len(prompt) + [1] * len(completion)
         return {"input_ids": prompt + completion, "completion_mask": mask}
     if data_format == "conversational-prompt-completion":
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True)
+        prompt = tokenizer.apply_chat_template(
+            row["prompt"], tokenize=True, add_generation_prompt=True, return_dict=True
+        )
         full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)
         prompt_ids, ids = prompt["input_ids"], full["input_ids"]
         if ids[: len(prompt_ids)] != prompt_ids:
@@ -291,7 +293,9 @@ class SFTDataModule(LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         name = getattr(module, "model_name", None)
         if name is None:
-            raise ValueError("SFTDataModule has no tokenizer: pass tokenizer=... or attach it to a trainer with a module.")
+            raise ValueError(
+                "SFTDataModule has no tokenizer: pass tokenizer=... or attach it to a trainer with a module."
+            )
         return name
 
     def _prepare(self, split: str, max_rows: int | None, pack: bool, raw: datasets.Dataset | None = None):
@@ -305,7 +309,9 @@ class SFTDataModule(LightningDataModule):
                 "data.init_args.chat_template to a Jinja template or a .jinja file, or use a tokenizer that has one."
             )
         if self.assistant_only_loss and data_format != "messages":
-            raise ValueError(f"assistant_only_loss applies to conversational 'messages' data; this dataset is {data_format}.")
+            raise ValueError(
+                f"assistant_only_loss applies to conversational 'messages' data; this dataset is {data_format}."
+            )
         completion_only = self.completion_only_loss is not False and "prompt-completion" in data_format
         tokenized = raw.map(
             tokenize_row,
@@ -337,7 +343,9 @@ class SFTDataModule(LightningDataModule):
         limit = self.max_length
         if limit is not None:
             # Where the loss starts in each row: for prompt-completion data, the prompt's length.
-            loss_starts = [next((i for i, m in enumerate(mask) if m), len(mask)) for mask in tokenized["completion_mask"]]
+            loss_starts = [
+                next((i for i, m in enumerate(mask) if m), len(mask)) for mask in tokenized["completion_mask"]
+            ]
             if all(start >= limit for start in loss_starts):
                 raise ValueError(
                     f"No row of split {split!r} keeps a loss token after truncation to max_length={limit}: the prompts "
@@ -352,7 +360,9 @@ class SFTDataModule(LightningDataModule):
                     "or, for long documents, use packing=True with packing_strategy='wrapped'."
                 )
             if too_long:
-                log.warning(f"{too_long} of {len(lengths)} rows of split {split!r} are longer than max_length={limit} and are truncated.")
+                log.warning(
+                    f"{too_long} of {len(lengths)} rows of split {split!r} are longer than max_length={limit} and are truncated."
+                )
             tokenized = tokenized.map(
                 lambda row: {"input_ids": row["input_ids"][:limit], "completion_mask": row["completion_mask"][:limit]},
                 desc="Truncating",
@@ -362,7 +372,9 @@ class SFTDataModule(LightningDataModule):
         if not keep:
             raise ValueError(f"No row of split {split!r} has a loss token (check completion_mask / the chat template).")
         if len(keep) < len(tokenized):
-            log.warning(f"Dropped {len(tokenized) - len(keep)} rows of split {split!r} with no loss token after truncation.")
+            log.warning(
+                f"Dropped {len(tokenized) - len(keep)} rows of split {split!r} with no loss token after truncation."
+            )
             tokenized = tokenized.select(keep)
         return tokenized.add_column("length", [len(ids) for ids in tokenized["input_ids"]])
 
@@ -378,7 +390,9 @@ class SFTDataModule(LightningDataModule):
                     "seq_lengths": [lengths[i] for i in members],
                 }
             )
-        log.info(f"Packed {len(tokenized)} rows into {len(rows)} bins of <= {self.max_length} tokens (best-fit decreasing).")
+        log.info(
+            f"Packed {len(tokenized)} rows into {len(rows)} bins of <= {self.max_length} tokens (best-fit decreasing)."
+        )
         return datasets.Dataset.from_list(rows)
 
     def _wrap(self, tokenized: datasets.Dataset) -> datasets.Dataset:
@@ -386,7 +400,11 @@ class SFTDataModule(LightningDataModule):
         masks = [m for row in tokenized["completion_mask"] for m in row]
         size = self.max_length
         rows = [
-            {"input_ids": ids[s : s + size], "completion_mask": masks[s : s + size], "seq_lengths": [len(ids[s : s + size])]}
+            {
+                "input_ids": ids[s : s + size],
+                "completion_mask": masks[s : s + size],
+                "seq_lengths": [len(ids[s : s + size])],
+            }
             for s in range(0, len(ids), size)
             if len(ids[s : s + size]) > 1
         ]
@@ -424,22 +442,28 @@ class SFTDataModule(LightningDataModule):
             raise ValueError("predict needs an eval_split holding prompts; set data.init_args.eval_split.")
         data_format = detect_format(self.eval_raw.column_names, self.eval_raw[0], self.dataset_text_field)
         if data_format in ("text", "tokenized"):
-            raise ValueError(f"predict needs prompts, but this dataset is {data_format}; use a prompt-completion or messages dataset.")
+            raise ValueError(
+                f"predict needs prompts, but this dataset is {data_format}; use a prompt-completion or messages dataset."
+            )
         prompts = []
         for row in self.eval_raw:
             if data_format == "prompt-completion":
                 prompts.append(self.tokenizer(row["prompt"]).input_ids)
             else:
                 messages = row["prompt"] if data_format.startswith("conversational") else _prompt_turns(row["messages"])
-                prompts.append(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+                prompts.append(
+                    self.tokenizer.apply_chat_template(
+                        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+                    )["input_ids"]
+                )
         pad = self.tokenizer.pad_token_id
         return DataLoader(prompts, batch_size=self.eval_batch_size, collate_fn=lambda rows: collate_prompts(rows, pad))
 
 
 def _prompt_turns(messages: list[dict]) -> list[dict]:
     """The conversation up to (not including) its last assistant turn."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant") if any(m["role"] == "assistant" for m in messages) else len(messages)
-    return messages[:last]
+    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return messages[: assistant_turns[-1]] if assistant_turns else messages
 
 
 def collate_prompts(prompts: list[list[int]], pad_token_id: int) -> dict[str, Tensor]:

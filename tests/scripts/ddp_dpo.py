@@ -22,9 +22,18 @@ def main(mode: str, out: str) -> None:
     module = ltpost.DPOModule(learning_rate=1e-3, use_peft=mode == "adapter", lora_r=4, lora_alpha=8)
     data = ltpost.PreferenceDataModule(batch_size=4, max_train_samples=24, max_eval_samples=8)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=3, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
-        val_check_interval=3, callbacks=[reference],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=3,
+        callbacks=[reference],
     )
     trainer.fit(module, datamodule=data)
     report = {
