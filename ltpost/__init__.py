@@ -6,15 +6,18 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 __version__ = "0.1.0"
 
 from ltpost.callbacks import HFExport, ReferenceModel
-from ltpost.datamodules import PreferenceDataModule, SFTDataModule
-from ltpost.modules import DPOModule, RewardModule, SFTModule
+from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
+from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
 __all__ = [
     "DPOModule",
+    "GRPOModule",
     "HFExport",
     "PreferenceDataModule",
+    "PromptDataModule",
     "ReferenceModel",
     "RewardModule",
+    "RLOOModule",
     "SFTDataModule",
     "SFTModule",
     "__version__",

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Trainer
 
-from ltpost.assets import make_rows
+from ltpost.assets.evaluation import arithmetic_exact_match  # noqa: F401 (re-exported for the tests)
 
 
 def cpu_trainer(tmp_path, **kwargs) -> Trainer:
@@ -22,29 +21,7 @@ def cpu_trainer(tmp_path, **kwargs) -> Trainer:
     return Trainer(**{**defaults, **kwargs})
 
 
-@torch.no_grad()
-def arithmetic_exact_match(model, tokenizer, num_rows: int = 200) -> float:
-    """Fraction of held-out sums the model answers exactly with greedy decoding."""
-    rows = make_rows("arithmetic", "test", num_rows=num_rows)
-    prompts = [
-        tokenizer.apply_chat_template(r["messages"][:1], tokenize=True, add_generation_prompt=True, return_dict=True)[
-            "input_ids"
-        ]
-        for r in rows
-    ]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    was_training = model.training
-    model.eval()
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=6,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model.train(was_training)
-    texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
-    return sum(text.strip() == row["answer"] for text, row in zip(texts, rows)) / len(rows)
+def even_token_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """Fraction of a completion's tokens with an even id: varies between completions of even a random model, and a
+    policy can raise it quickly, so it drives tests that need a non-zero advantage."""
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]

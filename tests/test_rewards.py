@@ -92,6 +92,14 @@ def test_integer_accuracy_none_for_non_integer_gold_and_ignores_other_columns():
     ]
 
 
+def test_integer_accuracy_reads_gsm8k_answers_after_the_marker():
+    """GSM8K's answer column is a worked solution ending in '#### <answer>': only the part after the marker counts,
+    so the intermediate 48 / 2 = 24 in the solution does not make '24' correct."""
+    gold = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May. 48+24 = <<48+24=72>>72\n#### 72"] * 3
+    rewards = integer_accuracy([], ["So the total is 72.", "24", "The answer: 7,2"], answer=gold)
+    assert rewards == [1.0, 0.0, 0.0]
+
+
 def test_integer_accuracy_on_the_arithmetic_prompts_task():
     rows = make_rows("arithmetic-prompts", "train", num_rows=4)
     prompts = [r["prompt"] for r in rows]

@@ -44,6 +44,12 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
 
 BUILTIN_MODELS = {"tiny-llama": (tiny_llama_config, LlamaForCausalLM)}
 
+# Trained checkpoints shipped inside the package (complete Hugging Face folders, weights stored in float16).
+# ``tiny-llama-sft``: ``tiny-llama`` after a short SFT on ``ltpost:arithmetic`` (about 15% held-out exact match), the
+# starting point of configs/grpo.yaml and configs/rloo.yaml; rebuilt by ``python -m ltpost.assets.ship_checkpoint``.
+CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+SHIPPED_CHECKPOINTS = ("tiny-llama-sft",)
+
 
 def is_builtin(name: str) -> bool:
     return name.startswith(BUILTIN_PREFIX)
@@ -64,13 +70,18 @@ def cache_dir() -> Path:
 def materialize_builtin_model(name: str, seed: int = 0) -> Path:
     """The local folder holding built-in model ``name`` (e.g. ``ltpost:tiny-llama``), created on first use.
 
+    A shipped checkpoint (``ltpost:tiny-llama-sft``) is already a folder inside the package and is returned as is.
+
     Weights are a seeded random init, so every machine materializes the same checkpoint. Creation writes to a
     temporary folder and renames it into place, so concurrent ranks never see a half-written folder.
     """
     short = builtin_name(name)
+    if short in SHIPPED_CHECKPOINTS:
+        return CHECKPOINTS_DIR / short
     if short not in BUILTIN_MODELS:
+        available = [*BUILTIN_MODELS, *SHIPPED_CHECKPOINTS]
         raise ValueError(
-            f"Unknown built-in model {name!r}. Available: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)}."
+            f"Unknown built-in model {name!r}. Available: {', '.join(BUILTIN_PREFIX + n for n in available)}."
         )
     make_config, model_class = BUILTIN_MODELS[short]
     tokenizer = load_builtin_tokenizer()

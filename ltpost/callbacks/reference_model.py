@@ -15,7 +15,8 @@ Modes, from cheapest to most general:
   from the same reference.
 
 ``auto`` picks ``adapter`` for a PEFT policy and ``precompute`` otherwise: both are exact for a fixed reference
-and neither keeps a second model in memory.
+and neither keeps a second model in memory. Online methods (GRPO, RLOO) sample their completions during training,
+so nothing can be precomputed: for them ``auto`` picks ``copy`` unless the policy is PEFT.
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ Mode = Literal["auto", "copy", "adapter", "precompute", "sync"]
 ComputeFn = Callable[[torch.nn.Module, dict[str, Any]], Tensor]
 
 
-def resolve_mode(mode: Mode, policy_is_peft: bool, has_separate_model: bool) -> str:
-    """The concrete mode for ``auto``; a ``ValueError`` for impossible combinations."""
+def resolve_mode(mode: Mode, policy_is_peft: bool, has_separate_model: bool, precomputable: bool = True) -> str:
+    """The concrete mode for ``auto``; a ``ValueError`` for impossible combinations.
+
+    ``precomputable`` is False for online methods, whose completions do not exist before training: ``auto`` then
+    falls back to ``copy``.
+    """
+    if mode == "precompute" and not precomputable:
+        raise ValueError(
+            "ReferenceModel(mode='precompute') needs a fixed dataset of completions; this module samples them online. "
+            "Use mode='copy' (or 'adapter' with a LoRA policy)."
+        )
     if mode == "adapter" and not policy_is_peft:
         raise ValueError(
             "ReferenceModel(mode='adapter') needs a PEFT policy (use_peft=True); use 'precompute' or 'copy'."
@@ -51,7 +61,7 @@ def resolve_mode(mode: Mode, policy_is_peft: bool, has_separate_model: bool) -> 
         return mode
     if policy_is_peft and not has_separate_model:
         return "adapter"
-    return "precompute"
+    return "precompute" if precomputable else "copy"
 
 
 def should_sync(global_step: int, last_synced_step: int, sync_steps: int) -> bool:
@@ -138,7 +148,10 @@ class ReferenceModel(Callback):
         if self.resolved_mode is None:
             policy = pl_module.model
             self.resolved_mode = resolve_mode(
-                self.mode, hasattr(policy, "disable_adapter"), self.model_name is not None
+                self.mode,
+                hasattr(policy, "disable_adapter"),
+                self.model_name is not None,
+                getattr(pl_module, "reference_precomputable", True),
             )
             log.info(
                 f"ReferenceModel: mode {self.resolved_mode!r}" + (f" from {self.model_name}" if self.model_name else "")

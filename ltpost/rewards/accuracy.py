@@ -50,7 +50,7 @@ def integer_accuracy(prompts: list, completions: list, answer: list, **kwargs) -
     For the built-in arithmetic tasks (``answer`` is a string such as ``"81"``): ``"The answer is 81."`` scores 1.0,
     ``"81 or 82"`` scores 0.0 (the last number is 82), a completion without a number scores 0.0. A last number with
     decimals counts when it is whole (``"81.0"``); ``"2.5"`` never equals an integer. Thousands separators are read
-    (``"1,234"`` is 1234).
+    (``"1,234"`` is 1234). A GSM8K answer (a worked solution ending ``"#### 72"``) is read after its ``####``.
 
     Args:
         prompts: unused (part of the reward-function contract).
@@ -61,6 +61,8 @@ def integer_accuracy(prompts: list, completions: list, answer: list, **kwargs) -
         raise ValueError(f"integer_accuracy got {len(answer)} answers for {len(completions)} completions.")
     rewards: list[float | None] = []
     for completion, gold in zip(completions, answer):
+        if isinstance(gold, str) and "####" in gold:  # GSM8K: worked solution, then "#### <final answer>"
+            gold = gold.rsplit("####", 1)[1]
         target = _as_integer(gold)
         if target is None:
             rewards.append(None)

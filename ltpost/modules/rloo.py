@@ -1,0 +1,399 @@
+"""RLOOModule: REINFORCE leave-one-out, with the KL to the reference folded into the reward."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from ltpost.callbacks.reference_model import ReferenceModel
+from ltpost.losses.grpo import rloo_advantages, rloo_kl, rloo_loss
+from ltpost.metrics import is_logging_step
+from ltpost.models import Dtype, load_tokenizer, load_trainable_model
+from ltpost.optim import adamw_from_hparams
+from ltpost.rewards import reward_function_name
+from ltpost.rollout import RolloutEngine, SamplingParams
+from ltpost.rollout.batch import completion_logps, pack_rollout
+from ltpost.rollout.scoring import (
+    RewardFunc,
+    ScoredRollout,
+    default_engine,
+    describe_schedule,
+    generate_and_score,
+    resolve_reward_funcs,
+    rollout_metrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RLOOModule(LightningModule):
+    """REINFORCE Leave-One-Out (Ahmadian et al., 2024) with verifiable rewards, generating with a rollout engine.
+
+    Pair it with ``ltpost.PromptDataModule``. Deliberately parallel to ``GRPOModule``; what differs is the
+    estimator. Each completion's baseline is the mean reward of the *other* ``num_generations - 1`` completions
+    of its prompt; the KL to the reference is not a loss term but a penalty subtracted from the reward,
+    ``r - beta * sum_t (log pi_old - log pi_ref)``; and the loss is PPO-clip on the *sequence*-level ratio,
+    averaged over sequences. ``normalize_advantages`` standardizes the advantages over the batch.
+
+    Old-policy log-probs are computed (one no-grad forward at generation time) when the KL needs them
+    (``beta > 0``) or when a rollout is trained on after the policy has moved (``num_iterations > 1`` or
+    ``steps_per_generation > accumulate_grad_batches``); a rollout used once gets ratio 1 and no clipping. The
+    reference comes from the ``ReferenceModel`` callback (added automatically when ``beta > 0``: the base model
+    with adapters disabled for LoRA, otherwise a frozen copy).
+
+    Metrics use TRL's names under ``train/`` and ``eval/``: ``reward``, ``reward_std``, ``rewards/<name>/mean``
+    and ``/std``, ``frac_reward_zero_std``, ``kl``, ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean``, ``completions/mean_length``, ``completions/max_length``,
+    ``completions/min_length``, ``completions/clipped_ratio``, ``completions/mean_terminated_length``,
+    ``num_tokens``. ``eval/reward`` is the reward of greedy completions of held-out prompts.
+
+    Args:
+        model: the policy: hub id, local path (e.g. an SFT export) or built-in name.
+        reward_funcs: reward functions ``f(prompts, completions, **columns) -> list[float | None]`` (in YAML, an
+            import path such as ``ltpost.rewards.integer_accuracy``, or ``class_path``/``init_args`` for a callable
+            class), or strings naming a reward-model checkpoint (a ``RewardModule`` export).
+        reward_weights: weight of each reward function (default 1.0 each).
+        ref_model: a separate reference checkpoint for the KL term; default: the policy's initial weights.
+        num_generations: completions per prompt (``G``), at least 2 (the leave-one-out baseline needs another).
+        steps_per_generation: micro-steps served by one generation round (each on ``prompts_per_step`` prompts).
+        num_iterations: times each generation round is trained on (PPO-style epochs, ``mu``).
+        max_completion_length: most tokens per completion.
+        temperature: sampling temperature (> 0); training log-probs use the same temperature.
+        top_p: nucleus sampling mass.
+        top_k: keep the ``k`` most likely tokens (None: off).
+        min_p: minimum probability relative to the top token (None: off).
+        repetition_penalty: penalty on repeated tokens during generation (1.0: off).
+        generation_batch_size: most completions per ``generate`` call (None: the whole round at once).
+        beta: weight of the KL penalty folded into the reward (0: no reference model).
+        epsilon: lower clipping bound of the importance ratio.
+        epsilon_high: upper clipping bound (default ``epsilon``).
+        normalize_advantages: standardize the advantages over the batch (mean 0, std 1).
+        eval_temperature: sampling temperature for validation completions (0: greedy).
+        eval_max_completion_length: most tokens per validation completion (default ``max_completion_length``).
+        packing_row_tokens: most tokens per padding-free row in the training forward (None: one row, best with
+            flash-attention; with sdpa/eager attention is quadratic in a row's length, so a few hundred is faster).
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not on biases and norms).
+        adam_beta1: AdamW beta1.
+        adam_beta2: AdamW beta2.
+        adam_epsilon: AdamW epsilon.
+        lr_scheduler_type: ``linear``, ``cosine``, ``constant`` or ``constant_with_warmup``.
+        warmup_steps: optimizer steps of linear warmup; overrides ``warmup_ratio`` when > 0.
+        warmup_ratio: warmup as a fraction of the run's optimizer steps.
+        dtype: dtype the weights are loaded in.
+        attn_implementation: attention implementation (``sdpa``, ``eager``, ``flash_attention_2``...).
+        model_revision: hub revision of the model.
+        trust_remote_code: allow code from the model's repository to run.
+        gradient_checkpointing: recompute activations in the backward pass.
+        use_peft: train LoRA adapters (the reference is then the base model with adapters disabled).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: dropout on the LoRA input.
+        lora_target_modules: module names to adapt, or ``all-linear``.
+        lora_modules_to_save: modules trained in full beside the adapters.
+        use_rslora: rank-stabilized LoRA scaling.
+        use_dora: weight-decomposed LoRA (DoRA).
+        load_in_4bit: QLoRA: 4-bit NF4 base weights (implies LoRA).
+        load_in_8bit: 8-bit base weights (implies LoRA).
+        logits_chunk_size: rows per chunk when computing log-probs and entropies over the vocabulary.
+    """
+
+    def __init__(
+        self,
+        model: str = "ltpost:tiny-llama",
+        reward_funcs: list[RewardFunc] | None = None,
+        reward_weights: list[float] | None = None,
+        ref_model: str | None = None,
+        num_generations: int = 8,
+        steps_per_generation: int = 1,
+        num_iterations: int = 1,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        generation_batch_size: int | None = None,
+        beta: float = 0.05,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        normalize_advantages: bool = False,
+        eval_temperature: float = 0.0,
+        eval_max_completion_length: int | None = None,
+        packing_row_tokens: int | None = None,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam_beta1: float = 0.9,
+        adam_beta2: float = 0.999,
+        adam_epsilon: float = 1e-8,
+        lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear",
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        dtype: Dtype = "float32",
+        attn_implementation: str | None = "sdpa",
+        model_revision: str | None = None,
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        use_peft: bool = False,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | str = "all-linear",
+        lora_modules_to_save: list[str] | None = None,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        logits_chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        reward_funcs = list(reward_funcs) if reward_funcs is not None else ["ltpost.rewards.integer_accuracy"]
+        if not reward_funcs:
+            raise ValueError("RLOO needs at least one reward function (reward_funcs).")
+        if reward_weights is not None and len(reward_weights) != len(reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(reward_weights)} entries for {len(reward_funcs)} reward functions; give one "
+                "weight per function."
+            )
+        if num_generations < 2:
+            raise ValueError(
+                f"num_generations={num_generations}: RLOO's baseline for a completion is the mean reward of the other "
+                "completions of its prompt, so it needs at least 2 per prompt. Set num_generations >= 2."
+            )
+        if steps_per_generation < 1 or num_iterations < 1:
+            raise ValueError(
+                f"steps_per_generation and num_iterations must be >= 1, got {steps_per_generation} and {num_iterations}."
+            )
+        if generation_batch_size is not None and generation_batch_size % num_generations:
+            raise ValueError(
+                f"generation_batch_size={generation_batch_size} is not a multiple of num_generations={num_generations}, "
+                f"so a prompt's group would be split across generate calls. Set it to a multiple, e.g. "
+                f"{max(1, generation_batch_size // num_generations) * num_generations}."
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for training rollouts, got {temperature}.")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}.")
+        self.save_hyperparameters()
+        self.model_name = model
+        self.reference_model_name = ref_model
+        self.reward_funcs_spec = reward_funcs
+        self.steps_per_generation = steps_per_generation
+        self.num_iterations = num_iterations
+        self.reference_precomputable = False  # completions are sampled online: no table of reference values
+        self.model = None
+        self.tokenizer = None
+        self.reward_funcs: list[Callable[..., Any]] = []
+        self.reward_names: list[str] = []
+        self.rollout_engine: RolloutEngine | None = None
+        self.num_tokens = 0
+        self._buffer: list[dict[str, Any]] | None = None
+
+    # -- model, engine, reference, rewards -----------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_trainable_model(hp)
+        self.tokenizer = load_tokenizer(hp.model, revision=hp.model_revision, trust_remote_code=hp.trust_remote_code)
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        if not self.reward_funcs:
+            self.reward_funcs = resolve_reward_funcs(self.reward_funcs_spec)
+            self.reward_names = [reward_function_name(f) for f in self.reward_funcs]
+        if self.rollout_engine is None:
+            self.rollout_engine = default_engine(self.model, self.tokenizer, self.hparams.generation_batch_size)
+        if stage == "fit":
+            prompts_per_step = getattr(self.trainer.datamodule, "prompts_per_step", None)
+            schedule = describe_schedule(
+                "RLOO",
+                prompts_per_step,
+                self.hparams.num_generations,
+                self.steps_per_generation,
+                self.num_iterations,
+                self.trainer.accumulate_grad_batches,
+                self.trainer.world_size,
+            )
+            log.info(schedule)
+
+    def build_reference_model(self, name: str | None) -> torch.nn.Module:
+        """A fresh reference (for ``ReferenceModel`` in ``copy`` mode): ``name``, or the policy's source weights."""
+        return load_trainable_model(self.hparams, name=name or self.hparams.model)
+
+    def configure_callbacks(self) -> list:
+        if self.hparams.beta == 0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
+            return []
+        return [ReferenceModel(mode="auto", model=self.hparams.ref_model)]
+
+    @property
+    def reference(self) -> ReferenceModel:
+        found = [c for c in self.trainer.callbacks if isinstance(c, ReferenceModel)]
+        if not found:
+            raise RuntimeError(
+                "beta > 0 needs a ReferenceModel callback; RLOOModule adds one unless callbacks were replaced."
+            )
+        return found[0]
+
+    def reference_compute(self, model: torch.nn.Module, batch: dict[str, Any]) -> Tensor:
+        """``[N, T]`` per-token completion log-probs under ``model``; the ReferenceModel callback calls this."""
+        logps, _ = completion_logps(model, batch, self.hparams.temperature, self.hparams.logits_chunk_size)
+        return logps
+
+    def sampling_params(self, evaluation: bool = False) -> SamplingParams:
+        hp = self.hparams
+        if evaluation:
+            return SamplingParams(
+                max_completion_length=hp.eval_max_completion_length or hp.max_completion_length,
+                num_generations=1,
+                temperature=hp.eval_temperature,
+                top_p=hp.top_p,
+                top_k=hp.top_k,
+                min_p=hp.min_p,
+            )
+        return SamplingParams(
+            max_completion_length=hp.max_completion_length,
+            num_generations=hp.num_generations,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            top_k=hp.top_k,
+            min_p=hp.min_p,
+            repetition_penalty=hp.repetition_penalty,
+        )
+
+    # -- generation rounds ---------------------------------------------------------------------------------------
+
+    def generate_and_score(self, batch: dict[str, Any], params: SamplingParams) -> ScoredRollout:
+        """Completions for a batch of prompts and their rewards (override to change how a round is produced)."""
+        hp = self.hparams
+        return generate_and_score(
+            self.rollout_engine, self.tokenizer, self.reward_funcs, hp.reward_weights, batch, params
+        )
+
+    def new_round(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Generate and score one round, fold the KL into the rewards, compute leave-one-out advantages, and cut
+        the round into ``steps_per_generation`` batches."""
+        hp = self.hparams
+        scored = self.generate_and_score(batch, self.sampling_params())
+        rollout = scored.rollout
+        steps = self.steps_per_generation
+        per_step = len(rollout.completion_ids) // steps
+        needs_old = hp.beta != 0 or self.num_iterations > 1 or steps > self.trainer.accumulate_grad_batches
+        slices, kl_per_sequence, kl_metrics = [], [], []
+        for s in range(steps):
+            rows = slice(s * per_step, (s + 1) * per_step)
+            packed = pack_rollout(
+                scored.prompt_ids[rows],
+                rollout.completion_ids[rows],
+                self.tokenizer.pad_token_id,
+                hp.packing_row_tokens,
+            )
+            packed = self.transfer_batch_to_device(packed, self.device, 0)
+            with torch.no_grad():
+                if needs_old:  # the sampling policy's log-probs: for the KL, and for the ratio once the policy moves
+                    packed["old_logps"] = self.reference_compute(self.model, packed)  # [n, T]
+                if hp.beta != 0:
+                    ref_logps = self.reference.reference_values(self, packed, self.reference_compute)  # [n, T]
+                    kl, metrics = rloo_kl(packed["old_logps"], ref_logps, packed["completion_mask"])  # [n]
+                    kl_per_sequence.append(kl)
+                    kl_metrics.append(metrics["kl"])
+            slices.append(packed)
+
+        rewards = scored.rewards.to(self.device)  # [N]
+        penalty = hp.beta * torch.cat(kl_per_sequence) if hp.beta != 0 else None  # [N]
+        world = self.trainer.world_size
+        if world > 1:  # groups are local, but batch normalization and the logged metrics span every rank
+            everyone = self.all_gather(rewards).reshape(-1)  # [W*N]
+            penalties = self.all_gather(penalty).reshape(-1) if penalty is not None else None  # [W*N]
+            advantages, metrics = rloo_advantages(
+                everyone, hp.num_generations, hp.normalize_advantages, kl_penalty=penalties
+            )
+            local = slice(self.global_rank * rewards.numel(), (self.global_rank + 1) * rewards.numel())
+            advantages = advantages[local]  # [N]
+        else:
+            advantages, metrics = rloo_advantages(
+                rewards, hp.num_generations, hp.normalize_advantages, kl_penalty=penalty
+            )  # [N]
+        metrics = {**metrics, **rollout_metrics(scored, self.reward_names)}
+        if kl_metrics:
+            metrics["kl"] = torch.stack(kl_metrics).mean()
+        for s, packed in enumerate(slices):
+            rows = slice(s * per_step, (s + 1) * per_step)
+            packed["advantages"] = advantages[rows]  # [n]
+            packed["rewards"] = rewards[rows]  # [n] raw, before the KL penalty (kept for callbacks and subclasses)
+            if penalty is not None:
+                packed["kl"] = penalty[rows] / hp.beta  # [n] summed per-sequence KL
+            if not (self.num_iterations > 1 or steps > self.trainer.accumulate_grad_batches):
+                packed.pop("old_logps", None)  # used once: on-policy, ratio exactly 1
+        self.num_tokens += sum(s["num_tokens"] for s in slices) * world  # host ints; every rank's rounds are alike
+        self._round_metrics = metrics
+        return slices
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        hp = self.hparams
+        if batch["round_step"] == 0 or self._buffer is None:
+            self._buffer = self.new_round(batch)
+            for name, value in self._round_metrics.items():  # logged once per round, on the step that generated
+                self.log(f"train/{name}", value, prog_bar=name == "reward", batch_size=1)
+            self.log("train/num_tokens", float(self.num_tokens), batch_size=1)
+        step = self._buffer[batch["round_step"] % self.steps_per_generation]
+
+        log_all = is_logging_step(self)
+        logps, entropies = completion_logps(
+            self.model, step, hp.temperature, hp.logits_chunk_size, with_entropy=log_all
+        )  # [n, T], [n, T] or None
+        loss, metrics = rloo_loss(
+            logps,
+            step.get("old_logps"),
+            step["advantages"],
+            step["completion_mask"],
+            epsilon=hp.epsilon,
+            epsilon_high=hp.epsilon_high,
+        )
+        if entropies is not None:
+            completion = step["completion_mask"].to(entropies.dtype)  # [n, T]
+            metrics["entropy"] = (entropies * completion).sum() / completion.sum().clamp(min=1)
+        self.log("train/loss", metrics.pop("loss"), prog_bar=True, batch_size=1)
+        if log_all:
+            for name, value in metrics.items():
+                reduce = {"clip_ratio/low_min": "min", "clip_ratio/high_max": "max"}.get(name, "mean")
+                self.log(f"train/{name}", value, reduce_fx=reduce, batch_size=1)
+        return {"loss": loss, **metrics}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("eval", batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, prefix: str, batch: dict[str, Any]) -> None:
+        scored = self.generate_and_score(batch, self.sampling_params(evaluation=True))
+        size = len(batch["prompt_ids"])
+        self.log(f"{prefix}/reward", torch.nanmean(scored.rewards), on_epoch=True, sync_dist=True, batch_size=size)
+        for name, value in rollout_metrics(scored, self.reward_names).items():
+            if name.endswith("/mean") or name.startswith("completions/mean") or name.endswith("clipped_ratio"):
+                self.log(f"{prefix}/{name}", value, on_epoch=True, sync_dist=True, batch_size=size)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Completions (decoded text) for held-out prompts, with the evaluation sampling settings."""
+        rollout = self.rollout_engine.generate(batch["prompt_ids"], self.sampling_params(evaluation=True))
+        return self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+
+    # -- optimization and state ----------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ltpost_num_tokens"] = self.num_tokens
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.num_tokens = checkpoint.get("ltpost_num_tokens", 0)
