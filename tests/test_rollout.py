@@ -18,9 +18,10 @@ import torch
 from ltpost.assets import make_rows
 from ltpost.datamodules.prompts import collate_prompt_rows, tokenize_prompt
 from ltpost.losses.logprobs import entropy_from_logits, selective_log_softmax
+from ltpost.models import load_model
 from ltpost.rewards import integer_accuracy, math_accuracy, reward_function_name
 from ltpost.rollout import HFRolloutEngine, Rollout, RolloutEngine, SamplingParams
-from ltpost.rollout.batch import completion_logps, pack_rollout
+from ltpost.rollout.batch import completion_logps, pack_rollout, shared_prompt_mask
 from ltpost.rollout.scoring import (
     ScoredRollout,
     default_engine,
@@ -347,6 +348,59 @@ def test_pack_rollout_all_empty_completions_and_mismatch():
         pack_rollout([P0, P2], [C0])
 
 
+def test_pack_rollout_shared_prompts_by_hand():
+    """share_prompts: sequences 0 and 1 share prompt [1 2 3], laid out once: [1 2 3 | 10 11 | 12 | 4 5]. The
+    completions' positions continue from the prompt (10, 11 at 3, 4; 12 at 3 again); both first tokens (10 and 12)
+    are predicted from the prompt's last position 2, token 11 from position 3 (token 10). Group ids split the two
+    prompts; segment ids mark the prompts 0 and each completion by its place in the row (1, 2; the empty third
+    completion occupies no token). num_tokens still counts every sequence's prompt (TRL's count): 11."""
+    batch = pack_rollout([P0, P1, P2], [C0, C1, C2], pad_token_id=PAD, share_prompts=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11, 12, 4, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 0, 1]]
+    assert batch["group_ids"].tolist() == [[0, 0, 0, 0, 0, 0, 1, 1]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 0, 0]]
+    assert batch["logit_positions"].tolist() == [[2, 3, 2]]
+    assert batch["targets"].tolist() == [[10, 11, 12]]
+    assert batch["scatter_rows"].tolist() == [[0, 0, 1]]
+    assert batch["scatter_cols"].tolist() == [[0, 1, 0]]
+    assert batch["completion_mask"].tolist() == [[1, 1], [1, 0], [0, 0]]
+    assert batch["num_tokens"] == 11
+
+
+def test_pack_rollout_shared_group_continues_in_the_next_row_with_its_prompt():
+    """max_row_tokens=5: the group [1 2 3 | 10 11] fills row 0; completion [12] of the same prompt does not fit
+    (5 + 1 > 5), so row 1 lays the prompt out again for it ([1 2 3 | 12], a padding tail of its own group), and
+    [4 5] (2 tokens, 4 + 2 > 5) starts row 2."""
+    batch = pack_rollout([P0, P1, P2], [C0, C1, C2], pad_token_id=PAD, max_row_tokens=5, share_prompts=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 10, 11], [1, 2, 3, 12, 0], [4, 5, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 0], [0, 1, 0, 1, 2]]
+    assert batch["group_ids"].tolist() == [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 1, 1, 1]]
+    assert batch["logit_positions"].tolist() == [[2, 3], [2, 0], [0, 0]]
+    assert batch["scatter_rows"].tolist() == [[0, 0], [1, -1], [-1, -1]]
+
+
+def test_shared_prompt_mask_by_hand():
+    """Row [p p c1 c1 c2 | q t]: the prompt tokens see the prompt causally; c1 sees the prompt and c1 causally, not
+    c2; c2 sees the prompt and itself, not c1; the second group (q, tail t) sees only itself. Eager gets the
+    additive form: 0 where allowed, the dtype's minimum elsewhere."""
+    groups = torch.tensor([0, 0, 0, 0, 0, 1, 2])
+    segments = torch.tensor([0, 0, 1, 1, 2, 0, 0])
+    expected = [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+    ]
+    mask = shared_prompt_mask(groups, segments)
+    assert mask.shape == (1, 1, 7, 7) and mask.dtype == torch.bool
+    assert mask[0, 0].long().tolist() == expected
+    additive = shared_prompt_mask(groups, segments, torch.float32)[0, 0]
+    assert (additive[mask[0, 0]] == 0).all() and (additive[~mask[0, 0]] == torch.finfo(torch.float32).min).all()
+
+
 # -- completion_logps ----------------------------------------------------------------------------------------------
 
 
@@ -380,6 +434,53 @@ def test_completion_logps_match_each_sequence_run_alone(tiny_model, max_row_toke
         torch.testing.assert_close(entropies[i, :n], entropy_from_logits(logits), atol=1e-5, rtol=0)
     assert (logps[~mask] == 0).all() and (entropies[~mask] == 0).all()
     assert not entropies.requires_grad
+
+
+def grouped_sequences():
+    """Three prompts (lengths 5, 7, 3) with three completions each (lengths 0-5, one empty), grouped by prompt."""
+    generator = torch.Generator().manual_seed(1)
+    prompts, completions = [], []
+    for n, lengths in zip((5, 7, 3), ((4, 0, 2), (3, 5, 1), (2, 2, 4))):
+        prompt = torch.randint(4, 500, (n,), generator=generator).tolist()
+        for length in lengths:
+            prompts.append(prompt)
+            completions.append(torch.randint(4, 500, (length,), generator=generator).tolist())
+    return prompts, completions
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("max_row_tokens", [None, 12, 25])
+def test_shared_prompt_logps_and_gradients_match_each_sequence_run_alone(attn_implementation, max_row_tokens):
+    """share_prompts lays each prompt out once per group (one row, or groups split across rows of 12 / 25 tokens);
+    the log-probs and entropies of every completion token still equal the sequence run alone (to 1e-5), and the
+    gradient of the summed log-probs equals that of the unshared packing (the prompt's backward now runs once for
+    its group, summing what the G copies contributed), for sdpa's boolean and eager's additive masks."""
+    model = load_model("ltpost:tiny-llama", attn_implementation=attn_implementation)
+    model.eval()
+    prompts, completions = grouped_sequences()
+    shared = pack_rollout(prompts, completions, PAD, max_row_tokens, share_prompts=True)
+    unshared = pack_rollout(prompts, completions, PAD, max_row_tokens)
+    assert shared["input_ids"].numel() < unshared["input_ids"].numel()
+    logps, entropies = completion_logps(model, shared, temperature=0.7, with_entropy=True)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        n = len(completion)
+        if n == 0:
+            continue  # nothing to predict (its row in logps is all masked, checked below)
+        logits = reference_logits(model, prompt, completion) / 0.7
+        torch.testing.assert_close(
+            logps[i, :n], selective_log_softmax(logits, torch.tensor(completion)), atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(entropies[i, :n], entropy_from_logits(logits), atol=1e-5, rtol=0)
+    assert (logps[~shared["completion_mask"].bool()] == 0).all()
+
+    def gradients(batch):
+        model.zero_grad()
+        completion_logps(model, batch, temperature=0.7)[0].sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    with_sharing, without = gradients(shared), gradients(unshared)
+    for name in without:
+        torch.testing.assert_close(with_sharing[name], without[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_completion_logps_differ_without_sequence_separation(tiny_model):

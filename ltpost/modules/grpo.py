@@ -83,6 +83,9 @@ class GRPOModule(LightningModule):
         eval_max_completion_length: most tokens per validation completion (default ``max_completion_length``).
         packing_row_tokens: most tokens per padding-free row in the training forward (None: one row, best with
             flash-attention; with sdpa/eager attention is quadratic in a row's length, so a few hundred is faster).
+        share_prompts: in the training forward, lay each prompt out once for its ``num_generations`` completions,
+            which attend to it through a block mask (the prompt's tokens are computed once, not ``G`` times; same
+            log-probs). None: on with ``sdpa``/``eager`` attention, off with flash kernels (which take no such mask).
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay (not on biases and norms).
         adam_beta1: AdamW beta1.
@@ -137,6 +140,7 @@ class GRPOModule(LightningModule):
         eval_temperature: float = 0.0,
         eval_max_completion_length: int | None = None,
         packing_row_tokens: int | None = None,
+        share_prompts: bool | None = None,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         adam_beta1: float = 0.9,
@@ -196,12 +200,19 @@ class GRPOModule(LightningModule):
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}.")
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}.")
+        takes_block_mask = attn_implementation in (None, "sdpa", "eager")
+        if share_prompts and not takes_block_mask:
+            raise ValueError(
+                f"share_prompts needs an attention implementation that takes a 4D block mask (sdpa or eager); "
+                f"{attn_implementation!r} does not. Set share_prompts: false (flash kernels already skip padding)."
+            )
         self.save_hyperparameters()
         self.model_name = model
         self.reference_model_name = ref_model
         self.reward_funcs_spec = reward_funcs
         self.steps_per_generation = steps_per_generation
         self.num_iterations = num_iterations
+        self.share_prompts = takes_block_mask if share_prompts is None else share_prompts
         self.reference_precomputable = False  # completions are sampled online: no table of reference values
         self.model = None
         self.tokenizer = None
@@ -320,6 +331,7 @@ class GRPOModule(LightningModule):
                 rollout.completion_ids[rows],
                 self.tokenizer.pad_token_id,
                 hp.packing_row_tokens,
+                self.share_prompts,
             )
             packed = self.transfer_batch_to_device(packed, self.device, 0)
             mask = packed["completion_mask"]  # [n, T]
