@@ -5,12 +5,13 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 
 __version__ = "0.1.0"
 
-from ltpost.callbacks import HFExport, ReferenceModel
+from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel
 from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
 __all__ = [
     "DPOModule",
+    "EvalOnStart",
     "GRPOModule",
     "HFExport",
     "PreferenceDataModule",
