@@ -194,6 +194,33 @@ def test_generation_batch_size_chunks_give_the_same_greedy_rollout(tiny_model, p
             torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
+def test_prefill_once_gives_the_rollout_of_a_prefill_per_row(prompts, temperature):
+    """prefill_once (each prompt's KV cache computed once and repeated for its 4 generations, left-padded prompts
+    of three lengths) gives the same completions as prefilling every row, greedy (all truncated: the random model
+    never picks EOS) and sampled with the same seed (EOS-biased: completions of several lengths), and the
+    same recorded log-probs to 1e-5; and the prompt is prefilled once: the first forward of generate sees 3 rows
+    of width-1 tokens instead of 12."""
+    model = load_model("ltpost:tiny-llama")
+    model = eos_biased(model) if temperature > 0 else model  # sampled completions of several lengths
+    params = {"max_completion_length": 8, "num_generations": 4, "temperature": temperature}
+    shapes = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    shared = generate(HFRolloutEngine(model, [EOS], PAD), prompts, seed=3, **params)
+    first_shared = shapes[0]
+    shapes.clear()
+    per_row = generate(HFRolloutEngine(model, [EOS], PAD, prefill_once=False), prompts, seed=3, **params)
+    hook.remove()
+    width = max(len(p) for p in prompts)
+    assert first_shared == (3, width - 1) and shapes[0] == (12, width)
+    assert shared.completion_ids == per_row.completion_ids and shared.is_truncated == per_row.is_truncated
+    assert any(len(c) > 1 for c in shared.completion_ids)
+    for x, y in zip(shared.logprobs, per_row.logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
 def test_checkpoint_generation_config_does_not_leak_into_generation(tiny_model, prompts, temperature):
     """Settings shipped in a checkpoint's generation_config (Qwen2.5-Instruct ships repetition_penalty=1.05,

@@ -5,7 +5,8 @@ Generation runs in inference mode with the KV cache, in eval mode (no dropout), 
 temperature, top-k, top-p, min-p), passed to ``generate`` as one ``LogitsProcessorList`` with a last processor that
 records the log-prob of each sampled token under the final distribution. Recording keeps one ``[B, V]`` tensor at a
 time; ``output_scores`` would keep one per generated token (``T * B * V``: 38 GB for 512 tokens of 128 rows over a
-150k vocabulary).
+150k vocabulary). Each distinct prompt is prefilled once and its KV cache repeated for its ``num_generations``
+completions (``prefill_once``), so the prompt costs one row of compute per group, not ``G``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -123,6 +125,9 @@ class HFRolloutEngine:
         pad_token_id: the padding token id for left-padded prompts.
         generation_batch_size: most rows per ``generate`` call (None: all at once), bounding the KV cache's memory;
             a call holds at least one whole prompt group (``num_generations`` rows).
+        prefill_once: compute each prompt's KV cache once and share it among its ``num_generations`` completions
+            (same completions and log-probs; needs a model that takes a ``DynamicCache``, as decoder-only
+            transformers models do).
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class HFRolloutEngine:
         eos_token_ids: Iterable[int] | None = None,
         pad_token_id: int = 0,
         generation_batch_size: int | None = None,
+        prefill_once: bool = True,
     ) -> None:
         if eos_token_ids is None:
             configured = model.generation_config.eos_token_id
@@ -143,6 +149,7 @@ class HFRolloutEngine:
         self.model = model
         self.pad_token_id = pad_token_id
         self.generation_batch_size = generation_batch_size
+        self.prefill_once = prefill_once
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Nothing to load: this engine generates with the policy's own parameters."""
@@ -172,13 +179,19 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompt_ids: list[list[int]], params: SamplingParams):
         device = next(self.model.parameters()).device
-        rows = [prompt for prompt in prompt_ids for _ in range(params.num_generations)]  # grouped by prompt
-        width = max(len(p) for p in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, prompt in enumerate(rows):  # left padding: every prompt ends where generation starts
+        group = params.num_generations
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+        for row, prompt in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
             attention_mask[row, width - len(prompt) :] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = None
+        if self.prefill_once and group > 1 and width > 1:
+            cache = self._prefilled_cache(input_ids, attention_mask, group)
+        input_ids = input_ids.repeat_interleave(group, dim=0)  # [P*G, width], grouped by prompt
+        attention_mask = attention_mask.repeat_interleave(group, dim=0)
         recorder = SampledLogprobRecorder()
         # Every sampling setting is one of ours, in the processor list (see _blank_generation_config).
         sample = params.temperature > 0
@@ -194,9 +207,27 @@ class HFRolloutEngine:
         # repetition_penalty=1.05, min_p ...) and applies them outside our processor list: generate against a blank one.
         with _blank_generation_config(self.model, config):
             sequences = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([*sampling_processors(params), recorder]),
             )  # [P*G, width + T_new]
         return split_completions(sequences[:, width:], recorder.finish(sequences), set(self.eos_token_ids))
+
+    def _prefilled_cache(self, input_ids: Tensor, attention_mask: Tensor, group: int) -> DynamicCache:
+        """The KV cache of each distinct prompt but its last token, computed once and repeated for its ``group``
+        completions. ``generate`` then feeds only the last prompt token: the prompt's prefill costs ``P`` rows
+        instead of ``P * G`` (the embedded task's 15-token prompts with 16 completions: a third of the time of
+        a whole ``generate`` call). Positions are those ``generate`` derives from the left-padded mask."""
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [P, width]
+        cache = DynamicCache(config=self.model.config)
+        self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_repeat_interleave(group)
+        return cache
