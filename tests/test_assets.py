@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,39 @@ def test_unknown_builtin_model():
     with pytest.raises(ValueError, match=r"Unknown built-in model 'ltpost:tiny-gpt'\. Available: ltpost:tiny-llama"):
         materialize_builtin_model("ltpost:tiny-gpt")
     assert assets.is_builtin("ltpost:tiny-llama") and not assets.is_builtin("meta-llama/Llama-3.2-1B")
+
+
+def test_shipped_sft_checkpoint_half_knows_the_task(tokenizer):
+    """ltpost:tiny-llama-sft is shipped inside the package (no materialization), loads like any Hugging Face folder
+    and answers a fraction of held-out sums: above a random model's 0 and far from solved (measured 0.195), the
+    starting point online RL needs."""
+    from ltpost.assets.evaluation import arithmetic_exact_match
+    from ltpost.models import load_model
+
+    path = materialize_builtin_model("ltpost:tiny-llama-sft")
+    assert Path(path).is_relative_to(Path(assets.__file__).parent)
+    assert (Path(path) / "model.safetensors").stat().st_size < 8_000_000  # float16: a few MB of package data
+    exact = arithmetic_exact_match(load_model("ltpost:tiny-llama-sft"), tokenizer)
+    assert 0.12 <= exact <= 0.3, exact
+
+
+def test_ship_checkpoint_writes_a_float16_folder_that_loads_back(tmp_path, monkeypatch):
+    """ship() from an SFT export: weights in float16 on disk, loaded back in float32 with the same greedy answers as
+    the source up to the cast, and the tokenizer (chat template included) beside them."""
+    import safetensors.torch
+
+    from ltpost.assets import ship_checkpoint
+    from ltpost.models import load_model
+
+    source = tmp_path / "export"
+    load_model("ltpost:tiny-llama").save_pretrained(source)
+    monkeypatch.setattr(ship_checkpoint, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    target = ship_checkpoint.ship(str(source), name="shipped-test")
+    assert target == tmp_path / "checkpoints" / "shipped-test"
+    weights = safetensors.torch.load_file(target / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float16}
+    reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    for name, tensor in original.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor.half().float())
+    assert AutoTokenizer.from_pretrained(target).chat_template

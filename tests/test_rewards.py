@@ -16,6 +16,7 @@ from ltpost import RewardModule
 from ltpost.assets import make_rows
 from ltpost.modules.reward import sequence_scores
 from ltpost.rewards import (
+    digit_accuracy,
     RewardModelScorer,
     call_reward_functions,
     combine_rewards,
@@ -98,6 +99,15 @@ def test_integer_accuracy_reads_gsm8k_answers_after_the_marker():
     gold = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May. 48+24 = <<48+24=72>>72\n#### 72"] * 3
     rewards = integer_accuracy([], ["So the total is 72.", "24", "The answer: 7,2"], answer=gold)
     assert rewards == [1.0, 0.0, 0.0]
+
+
+def test_digit_accuracy_gives_partial_credit_by_place():
+    """Gold 81, aligned at the units digit over the longer number: '81' 2/2 = 1.0; '71' only the units place = 0.5;
+    '181' 2 of 3 places = 2/3; '8' puts 8 in the units place against 1 and misses the tens = 0.0; '-81' has the
+    wrong sign = 0.0; '81.5' is not an integer = 0.0; a non-integer gold gives None; GSM8K's '#### 81' is read."""
+    completions = ["81", "71", "181", "8", "-81", "81.5", "no number"]
+    assert digit_accuracy(None, completions, answer=["81"] * 7) == [1.0, 0.5, 2 / 3, 0.0, 0.0, 0.0, 0.0]
+    assert digit_accuracy(None, ["81", "81"], answer=["eighty-one", "so #### 81"]) == [None, 1.0]
 
 
 def test_integer_accuracy_on_the_arithmetic_prompts_task():

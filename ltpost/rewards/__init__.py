@@ -12,7 +12,7 @@ reward_funcs = [integer_accuracy, think_format, soft_overlong_penalty(256, 64)]
 ```
 """
 
-from ltpost.rewards.accuracy import integer_accuracy, math_accuracy
+from ltpost.rewards.accuracy import digit_accuracy, integer_accuracy, math_accuracy
 from ltpost.rewards.combine import call_reward_functions, combine_rewards
 from ltpost.rewards.common import completion_text, reward_function_name
 from ltpost.rewards.format import think_format
@@ -26,6 +26,7 @@ __all__ = [
     "call_reward_functions",
     "combine_rewards",
     "completion_text",
+    "digit_accuracy",
     "integer_accuracy",
     "math_accuracy",
     "repetition_penalty",

@@ -72,6 +72,40 @@ def integer_accuracy(prompts: list, completions: list, answer: list, **kwargs) -
     return rewards
 
 
+def digit_accuracy(prompts: list, completions: list, answer: list, **kwargs) -> list[float | None]:
+    """Partial credit for integer answers: the fraction of digit places the completion's last number gets right.
+
+    Both numbers are aligned at the units digit and compared place by place over the longer of the two, so a
+    missing or extra digit counts as wrong: gold ``"81"`` gives ``"81"`` 1.0, ``"71"`` 0.5, ``"181"`` 2/3,
+    ``"8"`` 0.0 (the 8 sits in the units place), no number 0.0; a sign mismatch gives 0.0. None when the answer is
+    not an integer. A denser signal than ``integer_accuracy`` for a small model learning arithmetic (a carry error
+    still earns the digits it got right); combine the two with ``reward_weights``.
+
+    Args:
+        prompts: unused (part of the reward-function contract).
+        completions: strings or conversational message lists.
+        answer: the gold answers, one per completion: ints or strings holding an integer (GSM8K's ``#### n`` too).
+    """
+    if len(answer) != len(completions):
+        raise ValueError(f"digit_accuracy got {len(answer)} answers for {len(completions)} completions.")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, answer):
+        if isinstance(gold, str) and "####" in gold:
+            gold = gold.rsplit("####", 1)[1]
+        target = _as_integer(gold)
+        if target is None:
+            rewards.append(None)
+            continue
+        number = last_number(completion_text(completion))
+        if number is None or number != number.to_integral_value() or (number < 0) != (target < 0):
+            rewards.append(0.0)
+            continue
+        got, want = str(abs(int(number)))[::-1], str(abs(target))[::-1]
+        places = max(len(got), len(want))
+        rewards.append(sum(a == b for a, b in zip(got, want)) / places)
+    return rewards
+
+
 def math_accuracy(
     prompts: list, completions: list, solution: list | None = None, answer: list | None = None, **kwargs
 ) -> list[float | None]:
