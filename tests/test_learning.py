@@ -1,15 +1,28 @@
-"""The methods learn on the embedded task: SFT, then DPO and a reward model starting from the SFT checkpoint.
+"""The methods learn on the embedded task: SFT, then DPO and a reward model starting from the SFT checkpoint, and
+GRPO and RLOO from the shipped SFT checkpoint.
 
 One SFT run (about 1-2 minutes on 2 CPU cores) is shared by the module through a fixture: its export is the
-starting point of the preference methods, as in configs/sft.yaml -> configs/dpo.yaml / configs/reward.yaml.
+starting point of the preference methods, as in configs/sft.yaml -> configs/dpo.yaml / configs/reward.yaml. The
+online methods start from ``ltpost:tiny-llama-sft`` (what configs/sft.yaml exports, shipped in the package), as
+configs/grpo.yaml and configs/rloo.yaml do.
 """
 
 from __future__ import annotations
 
 import pytest
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 
-from ltpost import DPOModule, HFExport, PreferenceDataModule, RewardModule, SFTDataModule, SFTModule
+from ltpost import (
+    DPOModule,
+    GRPOModule,
+    HFExport,
+    PreferenceDataModule,
+    PromptDataModule,
+    RewardModule,
+    RLOOModule,
+    SFTDataModule,
+    SFTModule,
+)
 from tests.helpers import arithmetic_exact_match, cpu_trainer
 
 pytestmark = pytest.mark.slow
@@ -75,3 +88,60 @@ def test_reward_model_ranks_held_out_pairs(sft_run, tmp_path):
     print({k: (round(before[k], 3), round(after[k], 3)) for k in after})
     assert before["eval/accuracy"] < 0.7
     assert after["eval/accuracy"] >= 0.9  # measured 0.925 at step 300 and 0.96 at 600 (lr 3e-4, cosine over 600)
+
+
+class RoundRewards(Callback):
+    """The mean reward of each generation round (one per step here), as the module computed it."""
+
+    def __init__(self):
+        self.rewards: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rewards.append(float(pl_module._round_metrics["reward"]))
+
+
+def online_run(module, steps: int, tmp_path) -> dict:
+    """``steps`` of ``module`` on the embedded prompts (the settings of configs/grpo.yaml and configs/rloo.yaml),
+    with held-out greedy exact match before and after."""
+    seed_everything(0)
+    module.configure_model()
+    exact_before = arithmetic_exact_match(module.model, module.tokenizer)
+    rewards = RoundRewards()
+    trainer = cpu_trainer(tmp_path, max_steps=steps, callbacks=[rewards], limit_val_batches=0)
+    trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=16, max_prompt_length=64, eval_split=None))
+    exact_after = arithmetic_exact_match(module.model, module.tokenizer)
+    first, last = rewards.rewards[:50], rewards.rewards[-50:]
+    result = {"reward": (sum(first) / len(first), sum(last) / len(last)), "exact": (exact_before, exact_after)}
+    print(result)
+    return result
+
+
+ONLINE = {
+    "model": "ltpost:tiny-llama-sft",
+    "reward_funcs": ["ltpost.rewards.integer_accuracy"],
+    "num_generations": 16,
+    "max_completion_length": 8,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "constant",
+    "packing_row_tokens": 512,
+}
+
+
+def test_grpo_raises_the_arithmetic_reward(tmp_path):
+    """From the shipped SFT checkpoint (19.5% held-out exact match), 200 GRPO steps on the exact-sum reward raise the
+    reward of sampled answers (mean over the first 50 rounds vs the last 50; measured 0.11 -> 0.23 with one thread)
+    and held-out greedy exact match (measured 0.195 -> 0.345)."""
+    result = online_run(GRPOModule(**ONLINE), 200, tmp_path)
+    (first, last), (exact_before, exact_after) = result["reward"], result["exact"]
+    assert last > first + 0.06
+    assert exact_after > exact_before + 0.05
+
+
+def test_rloo_raises_the_arithmetic_reward(tmp_path):
+    """The same with RLOO (configs/rloo.yaml: no KL, advantages normalized over the batch), 300 steps: RLOO learns
+    more slowly at first than GRPO with its group-scaled advantages (measured reward 0.10 -> 0.20 with one thread,
+    exact 0.195 -> 0.245)."""
+    result = online_run(RLOOModule(**ONLINE, beta=0.0, normalize_advantages=True), 300, tmp_path)
+    (first, last), (exact_before, exact_after) = result["reward"], result["exact"]
+    assert last > first + 0.05
+    assert exact_after > exact_before

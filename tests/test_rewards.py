@@ -16,11 +16,11 @@ from ltpost import RewardModule
 from ltpost.assets import make_rows
 from ltpost.modules.reward import sequence_scores
 from ltpost.rewards import (
-    digit_accuracy,
     RewardModelScorer,
     call_reward_functions,
     combine_rewards,
     completion_text,
+    digit_accuracy,
     integer_accuracy,
     math_accuracy,
     repetition_penalty,

@@ -11,6 +11,7 @@ completions (``prefill_once``), so the prompt costs one row of compute per group
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -150,6 +151,9 @@ class HFRolloutEngine:
         self.pad_token_id = pad_token_id
         self.generation_batch_size = generation_batch_size
         self.prefill_once = prefill_once
+        # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); older versions know only it.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_keyword = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Nothing to load: this engine generates with the policy's own parameters."""
@@ -209,7 +213,7 @@ class HFRolloutEngine:
             sequences = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=cache,
+                **({self._cache_keyword: cache} if cache is not None else {}),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([*sampling_processors(params), recorder]),
             )  # [P*G, width + T_new]
@@ -226,8 +230,8 @@ class HFRolloutEngine:
             input_ids=input_ids[:, :-1],
             attention_mask=attention_mask[:, :-1],
             position_ids=position_ids[:, :-1],
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_keyword: cache},
         )
         cache.batch_repeat_interleave(group)
         return cache
