@@ -19,10 +19,10 @@ Three pairs, each an ltpost run and a loop written out by hand doing the same wo
   of the initial weights is folded into the reward, which needs the sampling policy's log-probs (one no-grad
   forward) and the reference's (one inference-mode forward on the copy, as ``ReferenceModel(mode="copy")``).
 
-The settings are those of ``configs/grpo.yaml`` and ``configs/rloo.yaml`` (16 prompts x 8 generations per step,
-``max_completion_length`` 8, temperature 1, learning rate 1e-4 constant, ``packing_row_tokens`` 512,
-``max_prompt_length`` 64) on the built-in ``ltpost:tiny-llama`` (``--model``; the configs start from
-``ltpost:tiny-llama-sft``, which this bench can use once it is shipped). A random tiny-llama never writes the right
+The settings are those of ``configs/grpo.yaml`` and ``configs/rloo.yaml`` but for the group size (16 prompts x 8
+generations per step here, 16 in the configs; ``max_completion_length`` 8, temperature 1, learning rate 1e-4
+constant, ``packing_row_tokens`` 512, ``max_prompt_length`` 64, shared prompts) on the built-in
+``ltpost:tiny-llama`` (``--model ltpost:tiny-llama-sft`` for the configs' start). A random tiny-llama never writes the right
 sum, so ``integer_accuracy`` alone would give every completion reward 0, every advantage 0, a zero gradient and a
 policy that never moves: the same work, but a weak check (the losses would all be 0). So the reward functions are
 ``[integer_accuracy, even_token_fraction]``: the second (defined here, like ``tests/helpers.even_token_reward``)
