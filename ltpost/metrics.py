@@ -8,6 +8,8 @@ loss every step and the rest only on the steps the logger writes, so no work is 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
+from torch.distributed.tensor import DTensor
 
 
 def logs_at_step(global_step: int, log_every_n_steps: int) -> bool:
@@ -22,3 +24,45 @@ def is_logging_step(module: pl.LightningModule) -> bool:
     except RuntimeError:  # called outside a Trainer (a unit test, a notebook): compute everything
         return True
     return logs_at_step(trainer.global_step, trainer.log_every_n_steps)
+
+
+def log_grad_norm(module: pl.LightningModule) -> None:
+    """Log ``train/grad_norm`` (TRL's name: the total 2-norm of the gradients, before clipping) on logging steps.
+
+    Call it from ``on_before_optimizer_step``, where Lightning has unscaled the gradients (mixed precision) and not
+    yet clipped them. Costs one pass over the gradients on the steps the logger writes, none on the others.
+    """
+    if not is_logging_step(module):
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):  # FSDP2: the norm of sharded gradients is itself sharded
+        norm = norm.full_tensor()
+    module.log("train/grad_norm", norm, batch_size=1)
+
+
+def padding_fraction(batch: dict) -> float | None:
+    """The share of ``input_ids`` slots that are padding, from host ints the collate functions count (no sync)."""
+    slots = batch["input_ids"].numel()
+    return 1.0 - batch["num_tokens"] / slots if slots and "num_tokens" in batch else None
+
+
+def log_padding_fraction(module: pl.LightningModule, batch: dict) -> None:
+    """Log ``train/padding_fraction`` on logging steps (what ``TrainingHealth`` reads to suggest padding-free)."""
+    fraction = padding_fraction(batch)
+    if fraction is not None and is_logging_step(module):
+        module.log("train/padding_fraction", fraction, batch_size=1)
+
+
+def health_callbacks(module: pl.LightningModule) -> list:
+    """``[TrainingHealth()]`` for ``configure_callbacks`` unless the module's ``training_health`` is off or the
+    trainer already has one (Lightning would replace the user's with ours)."""
+    from ltpost.callbacks.health import TrainingHealth
+
+    if not module.hparams.get("training_health", True):
+        return []
+    if any(isinstance(c, TrainingHealth) for c in module.trainer.callbacks):
+        return []
+    return [TrainingHealth()]

@@ -1,7 +1,8 @@
 """Lightning callbacks for what cuts across methods."""
 
 from ltpost.callbacks.eval_on_start import EvalOnStart
+from ltpost.callbacks.health import TrainingHealth
 from ltpost.callbacks.hf_export import HFExport
 from ltpost.callbacks.reference_model import ReferenceModel
 
-__all__ = ["EvalOnStart", "HFExport", "ReferenceModel"]
+__all__ = ["EvalOnStart", "HFExport", "ReferenceModel", "TrainingHealth"]

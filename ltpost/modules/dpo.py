@@ -19,7 +19,7 @@ from ltpost.losses.dpo import (
 )
 from ltpost.losses.dpo import dpo_loss as compute_dpo_loss
 from ltpost.losses.logprobs import selective_log_softmax
-from ltpost.metrics import is_logging_step
+from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm, log_padding_fraction
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import adamw_from_hparams
 
@@ -76,6 +76,8 @@ class DPOModule(LightningModule):
         load_in_4bit: QLoRA: 4-bit NF4 base weights (implies LoRA).
         load_in_8bit: 8-bit base weights (implies LoRA).
         logits_chunk_size: rows per chunk when computing log-probs (bounds memory on large vocabularies).
+        training_health: add the ``TrainingHealth`` callback (warnings with evidence and actions, ``health.jsonl``)
+            unless the trainer has one; False turns it off.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class DPOModule(LightningModule):
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         logits_chunk_size: int = 4096,
+        training_health: bool = True,
     ) -> None:
         super().__init__()
         loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -153,9 +156,10 @@ class DPOModule(LightningModule):
         return load_trainable_model(self.hparams, name=name or self.hparams.model)
 
     def configure_callbacks(self) -> list:
+        callbacks = health_callbacks(self)
         if any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
-            return []  # the user configured one: Lightning would otherwise replace it with ours
-        return [ReferenceModel(mode="auto", model=self.hparams.ref_model)]
+            return callbacks  # the user configured one: Lightning would otherwise replace it with ours
+        return [ReferenceModel(mode="auto", model=self.hparams.ref_model), *callbacks]
 
     @property
     def reference(self) -> ReferenceModel:
@@ -246,6 +250,7 @@ class DPOModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         loss, metrics = self._loss(batch, "train")
         self.num_tokens += batch["num_tokens"]
+        log_padding_fraction(self, batch)
         log_all = is_logging_step(self)  # each self.log costs ~0.4 ms: diagnostics only when written (ltpost.metrics)
         for name, value in metrics.items():
             if log_all or name == "loss":
@@ -271,6 +276,9 @@ class DPOModule(LightningModule):
             self.log(f"{prefix}/{name}", value, on_epoch=True, sync_dist=True, batch_size=batch["num_pairs"])
 
     # -- optimization and state ----------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        log_grad_norm(self)  # train/grad_norm on logging steps (before clipping), read by TrainingHealth
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)

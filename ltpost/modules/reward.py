@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from ltpost.losses.reward import bradley_terry_loss
-from ltpost.metrics import is_logging_step
+from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm, log_padding_fraction
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import adamw_from_hparams
 
@@ -67,6 +67,8 @@ class RewardModule(LightningModule):
         use_dora: weight-decomposed LoRA (DoRA).
         load_in_4bit: QLoRA: 4-bit NF4 base weights (implies LoRA).
         load_in_8bit: 8-bit base weights (implies LoRA).
+        training_health: add the ``TrainingHealth`` callback (warnings with evidence and actions, ``health.jsonl``)
+            unless the trainer has one; False turns it off.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class RewardModule(LightningModule):
         use_dora: bool = False,
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
+        training_health: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +125,7 @@ class RewardModule(LightningModule):
             chosen, rejected, batch.get("margin"), self.hparams.center_rewards_coefficient
         )
         self.num_tokens += batch["num_tokens"]
+        log_padding_fraction(self, batch)
         log_all = is_logging_step(self)  # each self.log costs ~0.4 ms: diagnostics only when written (ltpost.metrics)
         for name, value in metrics.items():
             if log_all or name == "loss":
@@ -150,6 +154,12 @@ class RewardModule(LightningModule):
                 reduce_fx=reduce_fx,
                 batch_size=batch["num_pairs"],
             )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        log_grad_norm(self)  # train/grad_norm on logging steps (before clipping), read by TrainingHealth
+
+    def configure_callbacks(self) -> list:
+        return health_callbacks(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from ltpost.callbacks.reference_model import ReferenceModel
 from ltpost.losses.grpo import rloo_advantages, rloo_kl, rloo_loss
-from ltpost.metrics import is_logging_step
+from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import adamw_from_hparams
 from ltpost.rewards import reward_function_name
@@ -104,6 +105,8 @@ class RLOOModule(LightningModule):
         load_in_4bit: QLoRA: 4-bit NF4 base weights (implies LoRA).
         load_in_8bit: 8-bit base weights (implies LoRA).
         logits_chunk_size: rows per chunk when computing log-probs and entropies over the vocabulary.
+        training_health: add the ``TrainingHealth`` callback (warnings with evidence and actions, ``health.jsonl``)
+            unless the trainer has one; False turns it off.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class RLOOModule(LightningModule):
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         logits_chunk_size: int = 4096,
+        training_health: bool = True,
     ) -> None:
         super().__init__()
         reward_funcs = list(reward_funcs) if reward_funcs is not None else ["ltpost.rewards.integer_accuracy"]
@@ -239,9 +243,10 @@ class RLOOModule(LightningModule):
         return load_trainable_model(self.hparams, name=name or self.hparams.model)
 
     def configure_callbacks(self) -> list:
+        callbacks = health_callbacks(self)
         if self.hparams.beta == 0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
-            return []
-        return [ReferenceModel(mode="auto", model=self.hparams.ref_model)]
+            return callbacks
+        return [ReferenceModel(mode="auto", model=self.hparams.ref_model), *callbacks]
 
     @property
     def reference(self) -> ReferenceModel:
@@ -291,7 +296,9 @@ class RLOOModule(LightningModule):
         """Generate and score one round, fold the KL into the rewards, compute leave-one-out advantages, and cut
         the round into ``steps_per_generation`` batches."""
         hp = self.hparams
+        started = time.perf_counter()
         scored = self.generate_and_score(batch, self.sampling_params())
+        generation_s = time.perf_counter() - started  # host lists came back: the work is done, no sync needed
         rollout = scored.rollout
         steps = self.steps_per_generation
         per_step = len(rollout.completion_ids) // steps
@@ -332,7 +339,7 @@ class RLOOModule(LightningModule):
             advantages, metrics = rloo_advantages(
                 rewards, hp.num_generations, hp.normalize_advantages, kl_penalty=penalty
             )  # [N]
-        metrics = {**metrics, **rollout_metrics(scored, self.reward_names)}
+        metrics = {**metrics, **rollout_metrics(scored, self.reward_names), "timing/generation_s": generation_s}
         if kl_metrics:
             metrics["kl"] = torch.stack(kl_metrics).mean()
         for s, packed in enumerate(slices):
@@ -400,6 +407,9 @@ class RLOOModule(LightningModule):
         return self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
 
     # -- optimization and state ----------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        log_grad_norm(self)  # train/grad_norm on logging steps (before clipping), read by TrainingHealth
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from ltpost.losses.sft import SFT_LOSSES, nll_loss
-from ltpost.metrics import is_logging_step
+from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm, log_padding_fraction
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import adamw_from_hparams
 
@@ -51,6 +51,8 @@ class SFTModule(LightningModule):
         load_in_8bit: load the base weights in 8-bit with bitsandbytes (implies ``use_peft``).
         logits_chunk_size: rows per chunk when computing log-probs and entropy (bounds memory on large vocabularies).
         max_new_tokens: tokens generated per prompt by ``predict``.
+        training_health: add the ``TrainingHealth`` callback (warnings with evidence and actions, ``health.jsonl``)
+            unless the trainer has one; False turns it off.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class SFTModule(LightningModule):
         load_in_8bit: bool = False,
         logits_chunk_size: int = 4096,
         max_new_tokens: int = 64,
+        training_health: bool = True,
     ) -> None:
         super().__init__()
         if loss_type not in SFT_LOSSES:
@@ -126,6 +129,7 @@ class SFTModule(LightningModule):
         )
         self.num_tokens += batch["num_tokens"]
         self._log_metrics("train", metrics, batch["num_loss_tokens"])
+        log_padding_fraction(self, batch)
         if log_all:  # summed over ranks gives the global count: a scalar all-reduce on DDP
             self.log("train/num_tokens", float(self.num_tokens), reduce_fx="sum", sync_dist=True, batch_size=1)
         return {"loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
@@ -170,6 +174,12 @@ class SFTModule(LightningModule):
         return self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     # -- optimization --------------------------------------------------------------------------------------------
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        log_grad_norm(self)  # train/grad_norm on logging steps (before clipping), read by TrainingHealth
+
+    def configure_callbacks(self) -> list:
+        return health_callbacks(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_from_hparams(self.model, self.hparams, self.trainer.estimated_stepping_batches)
