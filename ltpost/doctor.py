@@ -30,12 +30,12 @@ AREA_METRICS = {
     "rl-signal": ["train/frac_reward_zero_std", "train/reward_std"],
     "exploration": ["train/entropy"],
     "generation": ["train/completions/clipped_ratio", "train/completions/mean_length"],
-    "reward-hacking": ["train/completions/mean_length"],
+    "reward-hacking": ["train/completions/mean_length", "train/reward"],
     "preference": ["train/rewards/accuracies", "train/rewards/margins", "train/logps/chosen"],
     "optimization": ["train/clip_ratio/region_mean", "train/grad_norm"],
     "stability": ["train/grad_norm", "train/kl", "train/loss"],
     "generalization": ["eval/loss", "eval/reward"],
-    "throughput": ["timing/step_s", "train/padding_fraction", "train/timing/generation_s"],
+    "throughput": ["timing/step_s", "train/padding_fraction", "train/timing/generation_s", "timing/data_wait_s"],
 }
 PANELS = [
     "train/loss",
@@ -190,15 +190,20 @@ def render_text(report: dict[str, Any]) -> str:
 
 
 def render_png(report: dict[str, Any], scalars: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
-    """The key curves, one panel each, with every finding marked where it was raised (red) or recovered (green)."""
+    """The key curves, one panel each, with each finding marked on the curves of its area: a red dashed line and
+    its code where it was raised, a green dotted line where it recovered. The curve behind each finding (e.g.
+    ``train/frac_reward_zero_std`` for ``reward-std-collapse``) gets a panel of its own."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [name for name in PANELS if scalars.get(name)][:8]
-    if not panels:
-        panels = sorted(scalars)[:4]
+    panels = [name for name in PANELS if scalars.get(name)]
+    for record in report["findings"]:  # the curve that speaks for each finding's area, if not shown yet
+        headline = next((m for m in AREA_METRICS.get(record["area"], []) if scalars.get(m)), None)
+        if headline and headline not in panels:
+            panels.append(headline)
+    panels = panels[:10] or sorted(scalars)[:4]
     columns = 2
     rows = max(1, math.ceil(len(panels) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(12, 3.2 * rows), squeeze=False)
@@ -207,25 +212,27 @@ def render_png(report: dict[str, Any], scalars: dict[str, list[tuple[int, float]
         axis.plot(steps, values, lw=1.2, marker="o" if len(steps) < 30 else None, ms=3)
         axis.set_title(name, fontsize=10)
         axis.grid(alpha=0.3)
-        for record in report["findings"]:
-            raised = record["status"] == "raised"
-            axis.axvline(record["step"], color="tab:red" if raised else "tab:green", ls="--" if raised else ":", lw=1)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.axis("off")
-    top = axes.flat[0]
-    for record in report["findings"]:
-        if record["status"] == "raised":
-            top.annotate(
+        relevant = [r for r in report["findings"] if name in AREA_METRICS.get(r["area"], [])]
+        for i, record in enumerate(r for r in relevant if r["status"] == "raised"):
+            axis.axvline(record["step"], color="tab:red", ls="--", lw=1)
+            axis.annotate(
                 record["code"],
-                xy=(record["step"], 1.0),
+                xy=(record["step"], 0.95 - 0.14 * (i % 5)),
                 xycoords=("data", "axes fraction"),
-                rotation=90,
-                fontsize=7,
+                fontsize=8,
                 color="tab:red",
                 va="top",
-                ha="right",
+                ha="left",
+                xytext=(3, 0),
+                textcoords="offset points",
             )
-    figure.suptitle(f"{report['run']}: {len(report['open'])} open finding(s)", fontsize=11)
+        for record in relevant:
+            if record["status"] == "recovered":
+                axis.axvline(record["step"], color="tab:green", ls=":", lw=1.2)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    open_codes = ", ".join(report["open"]) or "none"
+    figure.suptitle(f"{report['run']}\nopen findings: {open_codes}", fontsize=10)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

@@ -201,8 +201,8 @@ def test_nonfinite_loss():
 
 
 def test_grad_norm_spike():
-    """Norms of 1.0 for 10 steps then 50: 50x the median 1.0 (>= 10x). Once raised, it clears only after 5 calm
-    steps (each < 3x the median)."""
+    """Norms of 1.0 for 10 steps then 50: 50x the median 1.0 (>= 10x, and above the 10.0 floor). Once raised, it
+    clears only after 5 calm steps (each < 3x the median)."""
     h = history(train__grad_norm=[1.0] * 10 + [50.0])
     finding = C.grad_norm_spike(h, INFO)
     assert finding.code == "grad-norm-spike"
@@ -216,8 +216,9 @@ def test_grad_norm_spike():
     calm = history(train__grad_norm=[1.0] * 10 + [50.0] + [1.0] * 5)
     assert C.grad_norm_spike(calm, INFO, active=True) is None
     assert C.grad_norm_spike(history(train__grad_norm=[1.0, 1.2, 0.9, 1.1, 1.0, 2.0]), INFO) is None
-    # RL steps with near-zero gradients (all-equal groups) then one of ordinary size: 5000x the median, not a spike.
-    assert C.grad_norm_spike(history(train__grad_norm=[1e-4] * 10 + [0.5]), INFO) is None
+    # RL steps with near-zero gradients (all-equal groups) then one of ordinary size: 30000x the median, not a spike.
+    assert C.grad_norm_spike(history(train__grad_norm=[1e-4] * 10 + [3.0]), INFO) is None
+    assert C.grad_norm_spike(history(train__grad_norm=[1e-4] * 10 + [3.0]), INFO, min_grad_norm=1.0) is not None
 
 
 def test_plateau():
@@ -742,3 +743,33 @@ def test_a_configured_callback_replaces_the_default(tmp_path):
     trainer.fit(SFTModule(), datamodule=data)
     assert health_of(trainer) is mine
     assert mine.monitor.thresholds == {"padding-waste": {"fraction": 0.99}}
+
+
+def test_thresholds_and_disable_from_yaml(tmp_path, monkeypatch):
+    """The README's YAML: a configured TrainingHealth with thresholds and disabled checks builds through the CLI."""
+    from ltpost.cli import LtpostCLI
+
+    config = tmp_path / "health.yaml"
+    config.write_text(
+        """
+trainer:
+  max_steps: 1
+  callbacks:
+    - class_path: ltpost.TrainingHealth
+      init_args:
+        thresholds: {reward-std-collapse: {frac_zero_std: 0.95}, grad-norm-spike: {min_grad_norm: 1.0}}
+        disable: [plateau]
+model:
+  class_path: ltpost.SFTModule
+data:
+  class_path: ltpost.SFTDataModule
+"""
+    )
+    monkeypatch.chdir(tmp_path)
+    cli = LtpostCLI(args=["--config", str(config)], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingHealth)]
+    assert callback.monitor.thresholds == {
+        "reward-std-collapse": {"frac_zero_std": 0.95},
+        "grad-norm-spike": {"min_grad_norm": 1.0},
+    }
+    assert callback.monitor.disable == {"plateau"}

@@ -518,14 +518,15 @@ def grad_norm_spike(
     clear_factor: float = 3.0,
     calm_steps: int = 5,
     min_samples: int = 5,
-    min_grad_norm: float = 1.0,
+    min_grad_norm: float = 10.0,
 ) -> Finding | None:
     """The latest gradient norm is many times the median of the logged steps before it.
 
     A spike is one step, so once raised the condition clears only after ``calm_steps`` logged norms in a row stay
     under ``clear_factor`` times the median: one warning per unstable stretch, not two lines per spike. Norms under
-    ``min_grad_norm`` are never spikes: in RL most steps can have near-zero gradients (groups whose completions all
-    score the same), and a step of ordinary size after them is many times their median without being a danger.
+    ``min_grad_norm`` are never spikes: in RL many steps have near-zero gradients (groups whose completions all
+    score the same), and a step of ordinary size after them (norms of 1-5 are common in fine-tuning) is thousands
+    of times their median without being a danger. Lower it for models whose ordinary norms are far below 1.
     """
     values = history.values("train/grad_norm", window + calm_steps)
     if len(values) < min_samples + 1:
