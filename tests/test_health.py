@@ -202,14 +202,14 @@ def test_nonfinite_loss():
 
 def test_grad_norm_spike():
     """Norms of 1.0 for 10 steps then 50: 50x the median 1.0 (>= 10x, and above the 10.0 floor). Once raised, it
-    clears only after 5 calm steps (each < 3x the median)."""
+    clears only after 5 calm steps (each < 3x the median). With clipping on, one spike is bounded by the clip and
+    is not reported; three within the window are."""
     h = history(train__grad_norm=[1.0] * 10 + [50.0])
     finding = C.grad_norm_spike(h, INFO)
     assert finding.code == "grad-norm-spike"
     assert finding.evidence["grad_norm"] == 50.0 and finding.evidence["median_grad_norm"] == 1.0
+    assert finding.evidence["spikes"] == 1
     assert "50x the median" in finding.message and "gradient_clip_val" in finding.action
-    clipped = C.grad_norm_spike(h, RunInfo(step=10, gradient_clip_val=1.0))
-    assert clipped.action.startswith("Gradient clipping is on")
     after_two = history(train__grad_norm=[1.0] * 10 + [50.0, 1.0, 1.0])
     assert C.grad_norm_spike(after_two, INFO) is None  # not a new spike
     assert C.grad_norm_spike(after_two, INFO, active=True) is not None  # but still within the calm period
@@ -219,6 +219,13 @@ def test_grad_norm_spike():
     # RL steps with near-zero gradients (all-equal groups) then one of ordinary size: 30000x the median, not a spike.
     assert C.grad_norm_spike(history(train__grad_norm=[1e-4] * 10 + [3.0]), INFO) is None
     assert C.grad_norm_spike(history(train__grad_norm=[1e-4] * 10 + [3.0]), INFO, min_grad_norm=1.0) is not None
+
+    clipped = RunInfo(step=10, gradient_clip_val=1.0)
+    assert C.grad_norm_spike(h, clipped) is None  # one clipped spike: its update was bounded
+    recurring = history(train__grad_norm=[1.0] * 10 + [50.0, 1.0, 40.0, 1.0, 60.0])
+    finding = C.grad_norm_spike(recurring, clipped)
+    assert finding.evidence["spikes"] == 3 and finding.evidence["grad_norm"] == 60.0
+    assert finding.action.startswith("Spikes keep coming although gradients are clipped")
 
 
 def test_plateau():

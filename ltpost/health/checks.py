@@ -519,35 +519,39 @@ def grad_norm_spike(
     calm_steps: int = 5,
     min_samples: int = 5,
     min_grad_norm: float = 10.0,
+    repeats_when_clipped: int = 3,
 ) -> Finding | None:
     """The latest gradient norm is many times the median of the logged steps before it.
 
-    A spike is one step, so once raised the condition clears only after ``calm_steps`` logged norms in a row stay
-    under ``clear_factor`` times the median: one warning per unstable stretch, not two lines per spike. Norms under
-    ``min_grad_norm`` are never spikes: in RL many steps have near-zero gradients (groups whose completions all
-    score the same), and a step of ordinary size after them (norms of 1-5 are common in fine-tuning) is thousands
-    of times their median without being a danger. Lower it for models whose ordinary norms are far below 1.
+    Without gradient clipping one spike is enough: its whole size reaches the weights. With clipping, the update of
+    an isolated spike is bounded, so the check waits for ``repeats_when_clipped`` spikes among the last ``window``
+    logged steps (a run that keeps producing them is unstable even when each is clipped). A spike is one step, so
+    once raised the condition clears only after ``calm_steps`` logged norms in a row stay under ``clear_factor``
+    times the median: one warning per unstable stretch, not two lines per spike. Norms under ``min_grad_norm`` are
+    never spikes: in RL many steps have near-zero gradients (groups whose completions all score the same), and a
+    step of ordinary size after them (norms of 1-5 are common in fine-tuning) is thousands of times their median
+    without being a danger. Lower it for models whose ordinary norms are far below 1.
     """
     values = history.values("train/grad_norm", window + calm_steps)
     if len(values) < min_samples + 1:
         return None
-    recent = calm_steps if active else 1
-    before, latest_values = values[:-recent], values[-recent:]
-    if len(before) < min_samples:
-        return None
-    median = statistics.median(before[-window:])
+    median = statistics.median(values[:-1][-window:])  # the logged steps before the latest (robust to the spikes)
     if median <= 0:
         return None
-    if active:
-        if all(value < clear_factor * median for value in latest_values):
-            return None
-    elif latest_values[-1] < max(factor * median, min_grad_norm):
-        return None
-    spike = max(latest_values)
-    spike_step = history.steps("train/grad_norm", recent)[latest_values.index(spike)]
+    limit = max(factor * median, min_grad_norm)
     clip = info.gradient_clip_val
+    recent = values[-window:]
+    spikes = [value for value in recent if value >= limit]
+    if active:
+        if all(value < clear_factor * median for value in values[-calm_steps:]):
+            return None
+    elif values[-1] < limit or len(spikes) < (repeats_when_clipped if clip else 1):
+        return None
+    spike = max(recent)
+    spike_step = history.steps("train/grad_norm", len(recent))[recent.index(spike)]
     action = (
-        "Gradient clipping is on; lower the learning rate or add warmup, and look at the batch at this step."
+        "Spikes keep coming although gradients are clipped: lower the learning rate or add warmup, and look at the "
+        "batches of these steps."
         if clip
         else "Enable gradient clipping (trainer.gradient_clip_val: 1.0), lower the learning rate or add warmup."
     )
@@ -555,10 +559,15 @@ def grad_norm_spike(
         "grad-norm-spike",
         "warning",
         "stability",
-        f"grad_norm {spike:.3g} at step {spike_step} is {spike / median:.0f}x the median of the "
-        f"{len(before[-window:])} logged steps before it ({median:.3g})",
+        f"grad_norm {spike:.3g} at step {spike_step} is {spike / median:.0f}x the median of the logged steps before "
+        f"it ({median:.3g}); {len(spikes)} such spike(s) in the last {len(recent)} logged steps",
         action,
-        {"grad_norm": spike, "median_grad_norm": median, "gradient_clip_val": float(clip) if clip else math.nan},
+        {
+            "grad_norm": spike,
+            "median_grad_norm": median,
+            "spikes": len(spikes),
+            "gradient_clip_val": float(clip) if clip else math.nan,
+        },
     )
 
 
