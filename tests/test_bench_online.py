@@ -80,9 +80,10 @@ def test_online_step_bench_quick(tmp_path):
         rows = entry["rows_per_step"]
         assert len(rows) == steps and all(r >= 1 for r in rows), name
         assert len(entry["forwards_generation_per_step"]) == steps
-        # Sampling runs one forward per generated token at most; outside it, one training forward per packed row
-        # (plus the old-policy forward and one reference forward per row when the KL needs them).
-        assert all(1 <= f <= config["max_completion_length"] for f in entry["forwards_generation_per_step"]), name
+        # Sampling runs one prefill forward (the prompts' shared KV cache: HFRolloutEngine.prefill_once) and one
+        # forward per generated token at most; outside it, one training forward per packed row (plus the old-policy
+        # forward and one reference forward per row when the KL needs them).
+        assert all(1 <= f <= 1 + config["max_completion_length"] for f in entry["forwards_generation_per_step"]), name
         per_row = 2 if entry["beta"] else 1
         assert entry["forwards_outside_per_step"] == [per_row * r for r in rows], name
         assert entry["forwards_reference_per_step"] == [r if entry["beta"] else 0 for r in rows], name
