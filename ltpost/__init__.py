@@ -5,7 +5,7 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 
 __version__ = "0.1.0"
 
-from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel
+from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, VLLMSync
 from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
@@ -21,5 +21,6 @@ __all__ = [
     "RLOOModule",
     "SFTDataModule",
     "SFTModule",
+    "VLLMSync",
     "__version__",
 ]

@@ -22,3 +22,11 @@ def is_logging_step(module: pl.LightningModule) -> bool:
     except RuntimeError:  # called outside a Trainer (a unit test, a notebook): compute everything
         return True
     return logs_at_step(trainer.global_step, trainer.log_every_n_steps)
+
+
+def reduce_fx(name: str) -> str:
+    """How a step metric is reduced across ranks and micro-steps: extremes by min / max (``clip_ratio/low_min``,
+    ``sampling/importance_sampling_ratio/max`` ...), everything else by the mean."""
+    if name.endswith(("_min", "/min")):
+        return "min"
+    return "max" if name.endswith(("_max", "/max")) else "mean"
