@@ -30,6 +30,7 @@ vLLM is imported only when an engine is created, so ``import ltpost`` never need
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -215,7 +216,9 @@ class VLLMColocateEngine:
         """An engine started from the policy's current weights (adapters merged), written to ``folder`` (a fresh
         temporary folder by default, removed by ``close``)."""
         owned = folder is None
-        folder = folder or tempfile.mkdtemp(prefix="ltpost-vllm-model-")
+        if owned:
+            folder = tempfile.mkdtemp(prefix="ltpost-vllm-model-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)  # also when close() is never called
         save_engine_folder(policy, tokenizer, folder)
         engine = cls(folder, eos_token_ids, **kwargs)
         engine.owned_folder = Path(folder) if owned else None
@@ -272,7 +275,10 @@ class VLLMServerError(RuntimeError):
 def default_weights_dir() -> str:
     """Where weights for a server on this machine go: shared memory (no disk write) when the machine has it."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-    return tempfile.mkdtemp(prefix="ltpost-vllm-weights-", dir=base)
+    folder = tempfile.mkdtemp(prefix="ltpost-vllm-weights-", dir=base)
+    # a copy of the model in shared memory: removed at exit even when nobody calls close()
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class VLLMServerEngine:
