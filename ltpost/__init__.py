@@ -5,7 +5,7 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 
 __version__ = "0.1.0"
 
-from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, TrainingHealth
+from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, TrainingHealth, VLLMSync
 from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
@@ -22,5 +22,6 @@ __all__ = [
     "SFTDataModule",
     "SFTModule",
     "TrainingHealth",
+    "VLLMSync",
     "__version__",
 ]

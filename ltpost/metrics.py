@@ -66,3 +66,11 @@ def health_callbacks(module: pl.LightningModule) -> list:
     if any(isinstance(c, TrainingHealth) for c in module.trainer.callbacks):
         return []
     return [TrainingHealth()]
+
+
+def reduce_fx(name: str) -> str:
+    """How a step metric is reduced across ranks and micro-steps: extremes by min / max (``clip_ratio/low_min``,
+    ``sampling/importance_sampling_ratio/max`` ...), everything else by the mean."""
+    if name.endswith(("_min", "/min")):
+        return "min"
+    return "max" if name.endswith(("_max", "/max")) else "mean"

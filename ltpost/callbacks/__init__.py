@@ -4,5 +4,6 @@ from ltpost.callbacks.eval_on_start import EvalOnStart
 from ltpost.callbacks.health import TrainingHealth
 from ltpost.callbacks.hf_export import HFExport
 from ltpost.callbacks.reference_model import ReferenceModel
+from ltpost.callbacks.vllm_sync import VLLMSync
 
-__all__ = ["EvalOnStart", "HFExport", "ReferenceModel", "TrainingHealth"]
+__all__ = ["EvalOnStart", "HFExport", "ReferenceModel", "TrainingHealth", "VLLMSync"]

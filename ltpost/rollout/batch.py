@@ -188,3 +188,11 @@ def completion_logps(
         token_entropy = entropy_from_logits(logits.detach(), chunk_size)  # [R, K]
         entropies = token_entropy.new_zeros(mask.shape).index_put((rows_index, cols_index), token_entropy[valid])
     return logps, entropies
+
+
+def pad_logprobs(values: list[list[float]], width: int) -> Tensor:
+    """``[N, width]`` float32 tensor of per-token log-probs (an engine's sampling log-probs), 0 past each row's end."""
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for row, logprobs in enumerate(values):
+        out[row, : len(logprobs)] = torch.tensor(logprobs[:width], dtype=torch.float32)
+    return out

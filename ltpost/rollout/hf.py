@@ -131,6 +131,8 @@ class HFRolloutEngine:
             transformers models do).
     """
 
+    generates_with_policy = True  # load_weights has nothing to do: VLLMSync skips this engine
+
     def __init__(
         self,
         model: torch.nn.Module,
