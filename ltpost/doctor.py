@@ -84,31 +84,55 @@ def read_findings(run: Path) -> list[dict[str, Any]] | None:
         return [json.loads(line) for line in stream if line.strip()]
 
 
-def replay(scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
-    """The findings the checks raise over the logged curves, step by step (for runs without ``health.jsonl``)."""
-    by_step: dict[int, dict[str, float]] = {}
-    for tag, points in scalars.items():
-        for step, value in points:
-            by_step.setdefault(step, {})[tag] = value
-    last = max(by_step) if by_step else 0
-    monitor = HealthMonitor()
-    records = []
-    for step in sorted(by_step):
-        for event in monitor.update(step, by_step[step], RunInfo(step=step, max_steps=last)):
-            records.append(event.record())
-    return records
+def saved_config(run: Path) -> dict[str, Any]:
+    """The CLI's saved config of the run (``config.yaml`` beside the events), or {} when it was run from Python."""
+    config = run / "config.yaml"
+    if not config.exists():
+        return {}
+    import yaml
+
+    return yaml.safe_load(config.read_text()) or {}
 
 
 def model_name(run: Path) -> str | None:
     """The module's class from the CLI's saved config, when there is one."""
-    config = run / "config.yaml"
-    if not config.exists():
-        return None
-    import yaml
-
-    data = yaml.safe_load(config.read_text()) or {}
-    model = data.get("model")
+    model = saved_config(run).get("model")
     return model.get("class_path") if isinstance(model, dict) else None
+
+
+def replay(scalars: dict[str, list[tuple[int, float]]], config: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The findings the checks raise over the logged curves, step by step (for runs without ``health.jsonl``).
+
+    What the callback reads from the trainer comes from the saved config when there is one (gradient clipping, the
+    planned steps, the module's settings) and the learning rate from ``LearningRateMonitor``'s curve (``lr-*``)."""
+    config = config or {}
+    trainer = config.get("trainer") or {}
+    model = config.get("model") or {}
+    settings = model.get("init_args") or {} if isinstance(model, dict) else {}
+    by_step: dict[int, dict[str, float]] = {}
+    for tag, points in scalars.items():
+        name = "lr" if tag.startswith("lr-") else tag
+        for step, value in points:
+            by_step.setdefault(step, {})[name] = value
+    last = max(by_step) if by_step else 0
+    max_steps = trainer.get("max_steps") if (trainer.get("max_steps") or -1) > 0 else last
+    monitor = HealthMonitor()
+    records = []
+    peak_lr = 0.0
+    for step in sorted(by_step):
+        lr = by_step[step].get("lr")
+        if lr is not None:
+            peak_lr = max(peak_lr, lr)
+        info = RunInfo(
+            step=step,
+            max_steps=max_steps,
+            lr_ratio=lr / peak_lr if lr is not None and peak_lr > 0 else 1.0,
+            gradient_clip_val=trainer.get("gradient_clip_val") or None,
+            settings=settings,
+        )
+        for event in monitor.update(step, by_step[step], info):
+            records.append(event.record())
+    return records
 
 
 def _first_last(points: list[tuple[int, float]]) -> str:
@@ -123,7 +147,7 @@ def diagnose(log_dir: str | Path) -> dict[str, Any]:
     findings = read_findings(run)
     source = "health.jsonl"
     if findings is None:
-        findings, source = replay(scalars), "replayed from the logged curves (no health.jsonl)"
+        findings, source = replay(scalars, saved_config(run)), "replayed from the logged curves, no health.jsonl"
     steps = max((points[-1][0] for points in scalars.values() if points), default=0)
     open_findings: dict[str, dict[str, Any]] = {}
     for record in findings:

@@ -3,8 +3,8 @@ stays quiet on a healthy sequence), the monitor's hysteresis and state, and real
 condition the embedded task can produce on CPU; NaN loss stops the run with a checkpoint that resumes; the run
 report (text, JSON, PNG) on a real run.
 
-Checks that no CPU run here can produce are driven by scripted sequences only: ``low-gpu-memory`` (needs CUDA) and
-``engine-logprob-mismatch`` (needs the vLLM engine; the HF engine samples with the trainer's own weights).
+``low-gpu-memory`` needs CUDA: it is driven by scripted sequences only. ``engine-logprob-mismatch`` on a real run
+needs the vLLM engine: that test is in tests/test_vllm.py (a stale engine), beside the session's engine.
 """
 
 from __future__ import annotations
@@ -150,9 +150,9 @@ def test_engine_logprob_mismatch():
     assert finding.evidence == pytest.approx(
         {"sampling_logp_difference/mean": 0.1, "sampling_logp_difference/max": 1.5}
     )
-    assert "vllm_importance_sampling_correction: true" in finding.action
+    assert "vllm_importance_sampling_correction: true" in finding.action and "every_n_steps: 1" in finding.action
     corrected = C.engine_logprob_mismatch(h, RunInfo(step=5, settings={"vllm_importance_sampling_correction": True}))
-    assert "vllm_importance_sampling_cap" in corrected.action
+    assert "vllm_importance_sampling_cap" in corrected.action and "every_n_steps: 1" in corrected.action
     assert C.engine_logprob_mismatch(history(train__sampling__sampling_logp_difference__mean=[0.001] * 5), INFO) is None
 
 

@@ -75,7 +75,9 @@ def test_sft_learns_arithmetic(sft_run):
     assert after["eval/loss"] < 1.0  # measured 0.75-0.87
     assert after["eval/mean_token_accuracy"] > before["eval/mean_token_accuracy"] + 0.3
     assert exact_before == 0.0
-    assert exact_after >= 0.05  # measured 0.07-0.15 across seeds and step counts
+    # Measured 0.67 (eval/loss 0.46) with this seed, with or without TrainingHealth and at any logging interval;
+    # configs/sft.yaml, seeded through the CLI (another data order), gives 0.195; earlier code gave 0.07-0.15.
+    assert exact_after >= 0.05
     assert sft_run["health"] == []
 
 

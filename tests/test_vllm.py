@@ -345,6 +345,23 @@ def test_every_n_steps_pushes_less_and_the_correction_sees_the_lag(engine, tmp_p
 
 
 @pytest.mark.slow
+def test_a_stale_engine_is_reported_by_training_health(engine, tmp_path):
+    """The engine gets the weights once (every_n_steps=100) while the policy trains at lr 5e-3: the trainer's and
+    the engine's log-probs of the sampled tokens drift apart and the TrainingHealth callback the module adds says
+    so, naming the fix (push every step)."""
+    from ltpost import TrainingHealth
+
+    seed_everything(0)
+    grpo = vllm_grpo(engine, learning_rate=5e-3)
+    trainer = cpu_trainer(tmp_path, max_steps=8, callbacks=[VLLMSync(every_n_steps=100)], log_every_n_steps=1)
+    trainer.fit(grpo, datamodule=PromptDataModule(prompts_per_step=4, max_train_samples=64, eval_split=None))
+    (health,) = [c for c in trainer.callbacks if isinstance(c, TrainingHealth)]
+    (record,) = [r for r in health.records if r["code"] == "engine-logprob-mismatch" and r["status"] == "raised"]
+    assert record["evidence"]["sampling_logp_difference/mean"] >= 0.05
+    assert "every_n_steps: 1" in record["action"]
+
+
+@pytest.mark.slow
 def test_rloo_with_vllm_syncs_and_weighs_sequences(engine, tmp_path):
     """RLOOModule with the vLLM engine: pushes at steps 0, 1, 2, and the per-sequence correction sees an exact engine
     (weights 1, log-prob difference <= 1e-4 in fp32)."""

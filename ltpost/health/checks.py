@@ -370,11 +370,11 @@ def engine_logprob_mismatch(
     largest = max(history.values("train/sampling/sampling_logp_difference/max", window) or [math.nan])
     corrected = info.settings.get("vllm_importance_sampling_correction")
     action = (
-        "Lower vllm_importance_sampling_cap or use a masking mode (token_mask, sequence_mask); run the engine in "
-        "the trainer's dtype."
+        "Push the weights every step (VLLMSync every_n_steps: 1) and run the engine in the trainer's dtype; the "
+        "correction is on: lower vllm_importance_sampling_cap or use a masking mode (token_mask, sequence_mask)."
         if corrected
-        else "Set vllm_importance_sampling_correction: true (mode token_truncate), or run the engine in the "
-        "trainer's dtype."
+        else "Set vllm_importance_sampling_correction: true, push the weights every step (VLLMSync every_n_steps: 1) "
+        "and run the engine in the trainer's dtype."
     )
     return Finding(
         "engine-logprob-mismatch",
