@@ -717,10 +717,11 @@ def test_padded_batches_are_reported_as_padding_waste(tmp_path):
 
 
 class SlowData(SFTDataModule):
-    """A data module whose collate sleeps 0.2 s per batch (tokenizing or augmenting on the fly, say)."""
+    """A data module whose collate sleeps 1 s per batch (tokenizing or augmenting on the fly, say): far longer than
+    a tiny-model step even on a loaded machine."""
 
     def collate(self, examples):
-        time.sleep(0.2)
+        time.sleep(1.0)
         return super().collate(examples)
 
 
@@ -731,7 +732,7 @@ def test_a_slow_collate_starves_the_step(tmp_path):
     trainer = cpu_trainer(tmp_path, max_steps=8, log_every_n_steps=1)
     trainer.fit(SFTModule(), datamodule=data)
     starving = raised(health_of(trainer))["dataloader-starvation"]
-    assert starving["evidence"]["data_wait_s"] >= 0.2 and starving["evidence"]["data_wait_share"] >= 0.3
+    assert starving["evidence"]["data_wait_s"] >= 1.0 and starving["evidence"]["data_wait_share"] >= 0.3
     assert "num_workers" in starving["action"]
 
 

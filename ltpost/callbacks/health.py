@@ -164,7 +164,8 @@ class TrainingHealth(Callback):
         self._batch_end = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        # Only validations inside fit speak to the run's health (a standalone `validate` has no training to judge).
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
         metrics = _floats(trainer.callback_metrics, prefix="eval/")
         if metrics:
@@ -202,8 +203,9 @@ class TrainingHealth(Callback):
         lr = _learning_rate(trainer)
         hparams = getattr(pl_module, "hparams", {}) or {}
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if max_steps is None and math.isfinite(trainer.estimated_stepping_batches):
-            max_steps = int(trainer.estimated_stepping_batches)
+        if max_steps is None and trainer.state.fn == "fit":  # it loads the train dataloader: fit only
+            estimated = trainer.estimated_stepping_batches
+            max_steps = int(estimated) if math.isfinite(estimated) else None
         return RunInfo(
             step=trainer.global_step,
             max_steps=max_steps,
