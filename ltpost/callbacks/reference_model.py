@@ -171,12 +171,22 @@ class ReferenceModel(Callback):
     def _build_reference(self, pl_module: pl.LightningModule, from_source: bool = True) -> torch.nn.Module:
         """A frozen reference: loaded from its source when known (exact on resume), else a copy of the policy."""
         builder = getattr(pl_module, "build_reference_model", None)
+        shard = getattr(
+            pl_module.trainer.strategy, "shard_frozen_copy", None
+        )  # FSDP2Strategy: shard it like the policy
         if builder is not None and from_source:
             reference = builder(self.model_name)
+        elif shard is not None:
+            raise ValueError(
+                f"ReferenceModel(mode={self.resolved_mode!r}) copies the policy's structure, which FSDP2Strategy has "
+                "already sharded; use mode='copy' (rebuilt from its source and sharded) or 'adapter' with LoRA."
+            )
         else:
             reference = copy.deepcopy(pl_module.model)
-        reference.to(pl_module.device).eval()
         reference.requires_grad_(False)
+        if shard is not None:
+            reference = shard(reference)
+        reference.to(pl_module.device).eval()
         return reference
 
     # -- the one question modules ask ----------------------------------------------------------------------------
@@ -234,6 +244,9 @@ class ReferenceModel(Callback):
             if dataset is None:
                 continue
             indices = list(range(rank, len(dataset), world))
+            # Every rank runs the same number of forwards (a sharded model's forward is a collective): a rank short
+            # of rows repeats its first one, which writes the same value into the same row again.
+            indices += indices[:1] * (-(-len(dataset) // world) - len(indices))
             batch_size = self.precompute_batch_size or getattr(datamodule, "eval_batch_size", 8)
             loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=datamodule.collate)
             table: Tensor | None = None
