@@ -6,7 +6,7 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 __version__ = "0.1.0"
 
 from ltpost import strategies
-from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, ResumeState, TrainingHealth, VLLMSync
+from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, ResumeState, SLURMRequeue, TrainingHealth, VLLMSync
 from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
@@ -22,6 +22,7 @@ __all__ = [
     "RewardModule",
     "RLOOModule",
     "SFTDataModule",
+    "SLURMRequeue",
     "SFTModule",
     "TrainingHealth",
     "VLLMSync",

@@ -105,6 +105,14 @@ def shard_with_fsdp2(
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    base = base_model(model)
+    head = getattr(base, "score", None)
+    if isinstance(head, nn.Module) and isinstance(getattr(base, base.base_model_prefix, None), nn.Module):
+        # A sequence classifier (reward model) is run as backbone, then head on the chosen positions
+        # (ltpost.modules.reward.sequence_scores), never through its own forward: each needs its own unit, whose
+        # hooks gather it when it is called.
+        fully_shard(getattr(base, base.base_model_prefix), reshard_after_forward=False, **kwargs)
+        fully_shard(head, reshard_after_forward=False, **kwargs)
     # The root is gathered for the whole forward anyway (embeddings first, head last): keep it gathered.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     log.info(f"FSDP2: sharded {len(layers)} decoder layers and the root over {mesh.size()} ranks")
@@ -116,6 +124,12 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def no_grad_for(model: nn.Module):
+    """``torch.inference_mode()`` (the cheaper one), or ``torch.no_grad()`` for an FSDP2-sharded model: FSDP2
+    gathers parameters into buffers it reuses in training, and buffers made in inference mode cannot be."""
+    return torch.no_grad() if is_sharded(model) else torch.inference_mode()
 
 
 @contextlib.contextmanager

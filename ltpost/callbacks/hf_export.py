@@ -8,10 +8,27 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
 
 log = logging.getLogger(__name__)
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with FSDP2 ``DTensor`` entries gathered (a collective: every rank calls it).
+
+    Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
+    ``save_pretrained`` writes it once, as it does for an unsharded model.
+    """
+    gathered: dict[int, torch.Tensor] = {}
+    state_dict = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in gathered:
+            tensor = value.full_tensor() if isinstance(value, DTensor) else value
+            gathered[id(value)] = tensor.detach()
+        state_dict[name] = gathered[id(value)]
+    return state_dict
 
 
 class HFExport(Callback):
@@ -72,7 +89,7 @@ class HFExport(Callback):
             raise TypeError(
                 f"HFExport needs the module to hold a Hugging Face model in `.model`; {type(pl_module).__name__} does not."
             )
-        state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+        state_dict = gathered_state_dict(model)
         if not trainer.is_global_zero:
             return
         if self.merge_lora and hasattr(model, "merge_and_unload"):

@@ -33,6 +33,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ltpost.strategies import no_grad_for
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "copy", "adapter", "precompute", "sync"]
@@ -201,9 +203,9 @@ class ReferenceModel(Callback):
         if mode == "precompute":
             table = self.tables[split]
             return table[batch["example_index"].to(table.device)].to(pl_module.device)
-        # Inference mode (cheaper than no_grad: no version counters or view tracking); the clone afterwards makes a
+        # Inference mode where it is allowed (cheaper than no_grad: no version counters or view tracking); the clone makes a
         # normal tensor that the loss may save for backward.
-        with torch.inference_mode():
+        with no_grad_for(pl_module.model):
             if mode == "adapter":
                 with pl_module.model.disable_adapter():
                     values = compute(pl_module.model, batch)
@@ -213,8 +215,11 @@ class ReferenceModel(Callback):
 
     # -- precompute ----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _precompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
+        with no_grad_for(pl_module.model):
+            self._precompute_tables(trainer, pl_module, splits)
+
+    def _precompute_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
         """Fill ``self.tables[split]`` for each split, each rank computing a strided shard, then all-gathered."""
         datamodule = trainer.datamodule
         compute = getattr(pl_module, "reference_compute", None)

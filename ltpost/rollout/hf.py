@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from ltpost.rollout.base import Rollout, SamplingParams
-from ltpost.strategies import gathered_for_generation, is_sharded
+from ltpost.strategies import gathered_for_generation, is_sharded, no_grad_for
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -162,8 +162,11 @@ class HFRolloutEngine:
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Nothing to load: this engine generates with the policy's own parameters."""
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        with no_grad_for(self.model):
+            return self._generate(prompt_ids, params)
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("HFRolloutEngine.generate needs a non-empty list of non-empty prompts.")
         group = params.num_generations
