@@ -6,7 +6,8 @@ the checkpoint inside the signal handler, at whatever point each rank happens to
 checkpoint collectives can interleave with a collective of the step in flight. This callback only notes the
 signal, and at the end of the next training batch every rank agrees on it (one scalar all-reduce per step:
 ranks receive signals at different moments), saves ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` together,
-rank 0 runs ``scontrol requeue``, and the run stops. Lightning resumes from the newest ``hpc_ckpt_*`` by
+and the run stops; at teardown (loggers flushed, end-of-fit callbacks done) rank 0 runs ``scontrol requeue``,
+which ends the job's processes at once: code after ``trainer.fit`` may not run. Lightning resumes from the newest ``hpc_ckpt_*`` by
 itself when the requeued job starts on SLURM (``fit`` without ``ckpt_path``), and with ltpost's resumable
 state the run continues exactly.
 """
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 
 def next_hpc_checkpoint_path(folder: str) -> str:
     """``folder/hpc_ckpt_<n>.ckpt`` with ``n`` one above the newest there (Lightning's naming, which it resumes)."""
-    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
+    os.makedirs(folder, exist_ok=True)
+    names = os.listdir(folder)
+    numbers = [int(m.group(1)) for name in names if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", name))]
     return os.path.join(folder, f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
 
 
@@ -71,19 +74,24 @@ class SLURMRequeue(Callback):
         log.warning(f"SLURMRequeue: {self.signum.name} received; saving {path} at step {trainer.global_step}")
         trainer.save_checkpoint(path)
         self.checkpoint_path = path
-        job_id = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and self.requeue and job_id:
-            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-            if array_job:
-                job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.error(f"SLURMRequeue: `scontrol requeue {job_id}` failed: {result.stderr.strip()}")
-            else:
-                log.warning(f"SLURMRequeue: requeued job {job_id}; it resumes from {path}")
-        trainer.should_stop = True
+        trainer.should_stop = True  # the run ends normally (loggers flushed, end-of-fit callbacks run) ...
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous_handler is not None:
             signal.signal(self.signum, self._previous_handler)
             self._previous_handler = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # ... and only then is the job requeued: `scontrol requeue` ends the running job's processes at once.
+        if self.checkpoint_path is None or not self.requeue or not trainer.is_global_zero:
+            return
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if not job_id:
+            log.warning("SLURMRequeue: not inside a SLURM job (no SLURM_JOB_ID); the checkpoint is written, no requeue")
+            return
+        if array_job := os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        log.warning(f"SLURMRequeue: requeueing job {job_id}; it resumes from {self.checkpoint_path}")
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.error(f"SLURMRequeue: `scontrol requeue {job_id}` failed: {result.stderr.strip()}")

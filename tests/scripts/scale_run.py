@@ -111,6 +111,7 @@ def run(method: str, args: argparse.Namespace) -> None:
         callbacks.append(ltpost.SLURMRequeue())
     if args.export:
         callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-hf")))
+    callbacks.append(WriteReport(record, out / f"{method}-{tag}.json", method, args.strategy, out / f"{method}-ckpt"))
     strategy = ltpost.strategies.FSDP2Strategy() if args.strategy == "fsdp2" else args.strategy
     trainer = L.Trainer(
         accelerator="cpu",
@@ -132,22 +133,38 @@ def run(method: str, args: argparse.Namespace) -> None:
         found = sorted((out / f"{method}-ckpt").glob(f"*step={args.stop_at}.ckpt"))
         assert found, f"no checkpoint of step {args.stop_at} in {out / f'{method}-ckpt'}"
         ckpt_path = str(found[0])
-    started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if trainer.is_global_zero:
+
+
+class WriteReport(Callback):
+    """Rank 0 writes the report at the end of training (before teardown, where SLURMRequeue ends the job)."""
+
+    def __init__(self, record: RecordLosses, path: Path, method: str, strategy: str, checkpoints: Path) -> None:
+        self.record, self.path, self.method, self.strategy, self.checkpoints = (
+            record,
+            path,
+            method,
+            strategy,
+            checkpoints,
+        )
+        self.started = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
         report = {
-            "method": method,
-            "strategy": args.strategy,
+            "method": self.method,
+            "strategy": self.strategy,
             "world_size": trainer.world_size,
             "num_nodes": trainer.num_nodes,
             "global_step": trainer.global_step,
-            "fit_s": time.perf_counter() - started,
-            "steps": record.steps,
-            "sharded_checkpoint": any(p.is_dir() for p in (out / f"{method}-ckpt").glob("*.ckpt")),
-            "trainable_parameters": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "environment": type(trainer.strategy.cluster_environment).__name__,
+            "fit_s": time.perf_counter() - self.started,
+            "steps": self.record.steps,
+            "sharded_checkpoint": any(p.is_dir() for p in self.checkpoints.glob("*.ckpt")),
+            "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         }
-        (out / f"{method}-{tag}.json").write_text(json.dumps(report))
+        self.path.write_text(json.dumps(report))
 
 
 def main() -> None:
