@@ -10,8 +10,7 @@ shard that model after it is built, so no module knows how it is scaled.
   weights); activation checkpointing is transformers' non-reentrant one. Checkpoints are sharded folders
   (``torch.distributed.checkpoint``) by default. Runs on CPU (gloo) and GPU (NCCL).
 - ``FSDP1Strategy``: the older wrapper API (``FullyShardedDataParallel``) with a transformer auto-wrap policy
-  built from the same layer classes. On CPU it passes the ``device_id`` torch needs and saves full state dicts
-  without Lightning's ``offload_to_cpu`` (which crashed on CPU, ``shared/notes/distributed-on-cpu.md``).
+  built from the same layer classes (GPU only, as Lightning's ``FSDPStrategy``; prefer FSDP2).
 - ``DeepSpeedZeRO2Strategy`` / ``DeepSpeedZeRO3Strategy``: DeepSpeed ZeRO stage 2 (optimizer state and gradients
   partitioned) and 3 (parameters too), with bf16 when the Trainer's precision asks for it. They need
   ``pip install deepspeed`` and CUDA GPUs.
@@ -266,7 +265,7 @@ class FSDP1Strategy(FSDPStrategy):
 
     Args:
         sharding_strategy: ``FULL_SHARD`` (ZeRO-3), ``SHARD_GRAD_OP`` (ZeRO-2), ``HYBRID_SHARD``, ``NO_SHARD``.
-        activation_checkpointing: checkpoint every decoder layer (Lightning's wrapper).
+        activation_checkpointing: recompute every decoder layer's activations in backward (transformers').
         state_dict_type: ``sharded`` (a folder of shards) or ``full`` (one file on rank 0).
         kwargs: anything else ``lightning.pytorch.strategies.FSDPStrategy`` takes (``cpu_offload``,
             ``mixed_precision``...).
@@ -285,12 +284,6 @@ class FSDP1Strategy(FSDPStrategy):
         super().__init__(sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)
         self._ltpost_activation_checkpointing = activation_checkpointing
 
-    def setup_environment(self) -> None:
-        if self.root_device.type == "cpu":
-            # torch's FSDP1 needs an explicit CPU device for wrapping on CPU (the default looks for CUDA).
-            self.kwargs.setdefault("device_id", torch.device("cpu"))
-        super().setup_environment()
-
     def setup(self, trainer) -> None:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -298,21 +291,9 @@ class FSDP1Strategy(FSDPStrategy):
         if isinstance(model, nn.Module) and "auto_wrap_policy" not in self.kwargs:
             classes = layer_classes(model)
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
-            if self._ltpost_activation_checkpointing:
-                self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, tuple(classes))}
+            if self._ltpost_activation_checkpointing:  # transformers' own, as under FSDP2 and DeepSpeed
+                base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         super().setup(trainer)
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        if self.root_device.type != "cpu" or self._state_dict_type != "full":
-            return super().lightning_module_state_dict()
-        # Lightning gathers the full state dict with offload_to_cpu=True, which segfaults when the model already
-        # lives on the CPU: gather without offloading (same result, the tensors are on the CPU anyway).
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FSDP.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
-            return self.model.state_dict()
 
 
 # -- DeepSpeed ----------------------------------------------------------------------------------------------------

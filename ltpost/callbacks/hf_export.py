@@ -12,22 +12,25 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
 
+from ltpost.rollout.weights import gathered_zero3
+
 log = logging.getLogger(__name__)
 
 
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with FSDP2 ``DTensor`` entries gathered (a collective: every rank calls it).
 
-    Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
+    DeepSpeed ZeRO-3 parameters are gathered too. Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
     ``save_pretrained`` writes it once, as it does for an unsharded model.
     """
     gathered: dict[int, torch.Tensor] = {}
     state_dict = {}
-    for name, value in model.state_dict(keep_vars=True).items():
-        if id(value) not in gathered:
-            tensor = value.full_tensor() if isinstance(value, DTensor) else value
-            gathered[id(value)] = tensor.detach()
-        state_dict[name] = gathered[id(value)]
+    with gathered_zero3(model):  # DeepSpeed ZeRO-3: partitioned parameters gathered (copied out) while it lasts
+        for name, value in model.state_dict(keep_vars=True).items():
+            if id(value) not in gathered:
+                tensor = value.full_tensor() if isinstance(value, DTensor) else value
+                gathered[id(value)] = tensor.detach().clone() if hasattr(value, "ds_id") else tensor.detach()
+            state_dict[name] = gathered[id(value)]
     return state_dict
 
 
