@@ -15,17 +15,18 @@ shard that model after it is built, so no module knows how it is scaled.
   partitioned) and 3 (parameters too), with bf16 when the Trainer's precision asks for it. They need
   ``pip install deepspeed`` and CUDA GPUs.
 
-Memory of a 7B model per GPU, by calculation (parameters P = 7e9, bf16 compute, fp32 master weights and AdamW's
-two moments, so 16 bytes per parameter of model state; activations, buffers and the CUDA context excluded):
+Memory of a 7B model (Qwen2.5-7B, P = 7.6e9 parameters) per GPU on 8 GPUs, by calculation: model state only
+(bf16 compute, fp32 master weights and AdamW's two fp32 moments: 16 bytes per trained parameter), activations,
+buffers and the CUDA context excluded:
 
-=====================  ==============================  ==============
-strategy               model state per GPU             8 GPUs
-=====================  ==============================  ==============
-DDP                    16 P                            112 GB (no fit)
-ZeRO-2                 4 P (weights+grads) + 12 P / N  14 + 10.5 GB
-FSDP2 / ZeRO-3         16 P / N                        14 GB
-QLoRA (1 GPU, r=16)    0.5 P (nf4) + adapters          ~4 GB
-=====================  ==============================  ==============
+=======================  =====================================  =========================
+setup                    bytes per GPU                          8 GPUs, 7.6e9 parameters
+=======================  =====================================  =========================
+DDP, full fine-tuning    16 P                                   122 GB: does not fit
+ZeRO-2                   2 P + 14 P / N                         15.2 + 13.3 = 28.5 GB
+FSDP2 or ZeRO-3          16 P / N (+ one gathered layer)        15.2 GB (+ 0.5 GB)
+QLoRA, r 16, DDP         0.5 P (NF4) + 16 x 40e6 (adapters)     3.8 + 0.6 = 4.4 GB
+=======================  =====================================  =========================
 """
 
 from __future__ import annotations
