@@ -142,3 +142,15 @@ def test_two_nodes_with_torchrun(ddp, tmp_path):
     report = load(tmp_path, "sft", "full")
     assert report["num_nodes"] == 2 and report["environment"] == "TorchElasticEnvironment"
     assert losses(report) == losses(load(ddp, "sft", "full"))
+
+
+def test_fsdp2_bf16_mixed_precision_with_activation_checkpointing_tracks_fp32(ddp, tmp_path):
+    """``mixed_precision: bf16`` (bf16 gathers and compute, fp32 reduction and master weights) plus activation
+    checkpointing: SFT's losses stay within 1% of the fp32 DDP run's (measured: 0.005 at a loss of 4.4) and fall."""
+    run_torchrun(tmp_path, "--strategy=fsdp2-bf16", "--methods=sft")
+    reference = [v for step in losses(load(ddp, "sft", "full")) for v in step]
+    mixed = [v for step in losses(load(tmp_path, "sft", "full")) for v in step]
+    assert len(mixed) == len(reference) == 12
+    assert mixed != reference  # bf16 really computed something different
+    assert max(abs(a - b) / b for a, b in zip(mixed, reference)) < 0.01
+    assert sum(mixed[-2:]) < sum(mixed[:2])

@@ -112,7 +112,14 @@ def run(method: str, args: argparse.Namespace) -> None:
     if args.export:
         callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-hf")))
     callbacks.append(WriteReport(record, out / f"{method}-{tag}.json", method, args.strategy, out / f"{method}-ckpt"))
-    strategy = ltpost.strategies.FSDP2Strategy() if args.strategy == "fsdp2" else args.strategy
+    presets = {
+        "fsdp2": lambda: ltpost.strategies.FSDP2Strategy(),
+        # bf16 gathers and compute, fp32 reduction and master weights, activation checkpointing, no reshard
+        "fsdp2-bf16": lambda: ltpost.strategies.FSDP2Strategy(
+            mixed_precision="bf16", activation_checkpointing=True, reshard_after_forward=False
+        ),
+    }
+    strategy = presets[args.strategy]() if args.strategy in presets else args.strategy
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
