@@ -1,6 +1,6 @@
 """ltpost against the floor (a raw PyTorch loop) and against TRL, on identical work, for every stable method.
 
-Run from the repository root (CPU, about 15 minutes; ``--quick`` checks in about a minute that it runs)::
+Run from the repository root (CPU, about 20 minutes; ``--quick`` checks in about a minute that it runs)::
 
     pip install -e ".[bench]"        # TRL, for the benchmark only (ltpost never imports it); without it: no TRL rows
     python bench/compare.py [--methods sft,dpo,reward,grpo,rloo] [--rounds 2] [--threads 1] [--quick]
@@ -23,9 +23,9 @@ The sides, per method:
 - ``ltpost``: ``Trainer.fit`` with the method's module and datamodule and ltpost's defaults (padding-free batches,
   DPO reference log-probs precomputed, GRPO/RLOO prompts shared in packed rows and no old-log-prob forward), alone
   in the same process before the lockstep pair (so the process's peak RSS is ltpost's alone).
-- ``trl`` (its defaults) and, where TRL has one, the variant closest to ltpost's defaults (SFT
-  ``padding_free=True``, DPO ``precompute_ref_log_probs=True``), each in a process of its own (``sides_trl.py``
-  documents the configuration).
+- ``trl`` (its defaults, gradient checkpointing included) and ``trl-matched``, the TRL settings closest to ltpost's
+  defaults (gradient checkpointing off, SFT ``padding_free=True``, DPO ``precompute_ref_log_probs=True``), each in
+  a process of its own (``sides_trl.py`` documents the configuration).
 
 Measured per side: seconds per optimizer step (median of the measured steps, after the warm-up steps, wall and CPU
 time of the process); tokens per second = non-padding tokens of the step's sequences / step time (offline methods:
@@ -40,7 +40,8 @@ the process's peak resident set size (``ru_maxrss``), and its growth over the RS
 Noise: every process runs one method's side; the processes of a method run back to back, in alternating order
 from round to round, so the machine's load changes touch all sides alike; ratios are computed within a round and
 their median over rounds is reported. CPU time is the headline clock (it stops while other processes hold the
-core). In ``--quick`` mode one process runs every method of a side (two or three steps each): a smoke test only.
+core). In ``--quick`` mode one process runs every method of a side (2 steps, 4 rows / pairs / prompts x 4
+generations): a smoke test only.
 """
 
 from __future__ import annotations

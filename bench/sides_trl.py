@@ -29,22 +29,23 @@ import sides
 import torch
 from sides import ONLINE, SEED, Recorder, peak_rss_mib, rss_mib, steps_for, weights_digest
 
-# Per method, the TRL configurations run: its defaults first, then the variant closest to ltpost's defaults.
-VARIANTS = {
-    "sft": ("trl", "trl-padding-free"),
-    "dpo": ("trl", "trl-precompute"),
-    "reward": ("trl",),
-    "grpo": ("trl",),
-    "rloo": ("trl",),
-}
+# Per method, the TRL configurations run: ``trl``, its defaults (what a user gets), and ``trl-matched``, the one
+# closest to ltpost's defaults: no gradient checkpointing (TRL's configs turn it on by default: every backward
+# recomputes the forward), SFT padding-free, DPO reference log-probs precomputed.
+VARIANTS = {method: ("trl", "trl-matched") for method in ("sft", "dpo", "reward", "grpo", "rloo")}
+GC = "gradient checkpointing on (TRL's default)"
+NO_GC = "gradient checkpointing off"
 SETTINGS = {
-    ("sft", "trl"): "SFTTrainer defaults: padded batches (padding_free=False); entropy + token accuracy every step",
-    ("sft", "trl-padding-free"): "SFTTrainer padding_free=True (packed row, position_ids, no mask)",
-    ("dpo", "trl"): "DPOTrainer defaults: padded; frozen reference copy, one reference forward per step",
-    ("dpo", "trl-precompute"): "DPOTrainer precompute_ref_log_probs=True (reference log-probs once, before training)",
-    ("reward", "trl"): "RewardTrainer defaults: padded chosen + rejected batch",
-    ("grpo", "trl"): "GRPOTrainer: HF generate, padded prompt + completion batch, loss dapo, beta 0",
-    ("rloo", "trl"): "RLOOTrainer: HF generate, padded prompt + completion batch, beta 0",
+    ("sft", "trl"): f"SFTTrainer defaults: padded batches, {GC}, entropy + token accuracy every step",
+    ("sft", "trl-matched"): f"SFTTrainer padding_free=True (one packed row, position_ids), {NO_GC}",
+    ("dpo", "trl"): f"DPOTrainer defaults: padded, frozen reference copy (a reference forward per step), {GC}",
+    ("dpo", "trl-matched"): f"DPOTrainer precompute_ref_log_probs=True, padded (padding_free is disabled), {NO_GC}",
+    ("reward", "trl"): f"RewardTrainer defaults: padded chosen + rejected batch, {GC}",
+    ("reward", "trl-matched"): f"RewardTrainer, padded, {NO_GC}",
+    ("grpo", "trl"): f"GRPOTrainer: HF generate, padded prompt + completion batch, loss dapo, beta 0, {GC}",
+    ("grpo", "trl-matched"): f"GRPOTrainer as trl, {NO_GC}",
+    ("rloo", "trl"): f"RLOOTrainer: HF generate, padded prompt + completion batch, beta 0, {GC}",
+    ("rloo", "trl-matched"): f"RLOOTrainer as trl, {NO_GC}",
 }
 
 
@@ -54,8 +55,11 @@ def fixed_order(n: int, steps: int) -> list[int]:
     return order[: steps * sides.BATCH_SIZE]
 
 
-def training_arguments(config_class, output_dir: str, steps: int, hp, batch_size: int | None = None, **extra):
+def training_arguments(
+    config_class, output_dir: str, steps: int, hp, variant: str, batch_size: int | None = None, **extra
+):
     return config_class(
+        gradient_checkpointing=variant == "trl",  # TRL's default on; off in trl-matched, as ltpost's default
         output_dir=output_dir,
         per_device_train_batch_size=batch_size or sides.BATCH_SIZE,
         gradient_accumulation_steps=1,
@@ -147,9 +151,10 @@ def build(method: str, variant: str, steps: int, warmup: int, threads: int, outp
             output_dir,
             steps,
             hp,
+            variant,
             # TRL refuses max_length with padding_free and no packing; the rows are ltpost's, already truncated.
-            max_length=None if variant == "trl-padding-free" else datamodule.max_length,
-            padding_free=variant == "trl-padding-free",
+            max_length=None if variant == "trl-matched" else datamodule.max_length,
+            padding_free=variant == "trl-matched",
             packing=False,
             assistant_only_loss=False,  # the labels already carry ltpost's assistant-only mask
         )
@@ -168,10 +173,11 @@ def build(method: str, variant: str, steps: int, warmup: int, threads: int, outp
             output_dir,
             steps,
             hp,
+            variant,
             max_length=datamodule.max_length,
             beta=hp.beta,
             loss_type=[hp.loss_type],
-            precompute_ref_log_probs=variant == "trl-precompute",
+            precompute_ref_log_probs=variant == "trl-matched",
         )
         # TRL's default reference is a frozen copy loaded from the policy's path; the built-in model's config names no
         # architecture for TRL to load it by, so the same copy is loaded here, as ltpost's ReferenceModel(mode="copy").
@@ -189,7 +195,7 @@ def build(method: str, variant: str, steps: int, warmup: int, threads: int, outp
     elif method == "reward":
         from trl import RewardConfig, RewardTrainer
 
-        config = training_arguments(RewardConfig, output_dir, steps, hp, max_length=datamodule.max_length)
+        config = training_arguments(RewardConfig, output_dir, steps, hp, variant, max_length=datamodule.max_length)
         trainer = sequential(RewardTrainer)(
             model=model, args=config, train_dataset=dataset, processing_class=tokenizer, optimizers=optimizers
         )
@@ -232,7 +238,7 @@ def build(method: str, variant: str, steps: int, warmup: int, threads: int, outp
 
             online.update(normalize_advantages=hp.normalize_advantages)
             config_class, trainer_class = RLOOConfig, RLOOTrainer
-        config = training_arguments(config_class, output_dir, steps, hp, **online)
+        config = training_arguments(config_class, output_dir, steps, hp, variant, **online)
         trainer = trainer_class(
             model=model,
             reward_funcs=reward_funcs,

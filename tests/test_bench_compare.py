@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("sft", "dpo", "reward", "grpo", "rloo")
 ONLINE = ("grpo", "rloo")
-TRL_SIDES = {"sft": ("trl", "trl-padding-free"), "dpo": ("trl", "trl-precompute")}
+TRL_SIDES = ("trl", "trl-matched")
 
 
 def positive(value) -> bool:
@@ -59,7 +59,7 @@ def test_compare_bench_quick(tmp_path):
     assert set(result["summary"]) == set(METHODS)
     for method in METHODS:
         summary = result["summary"][method]
-        expected = {"ltpost"} | (set(TRL_SIDES.get(method, ("trl",))) if with_trl else set())
+        expected = {"ltpost"} | (set(TRL_SIDES) if with_trl else set())
         assert set(summary["sides"]) == expected, method
         # ltpost and the raw loop in lockstep: the same losses (bit for bit), finite, on every step.
         assert summary["lockstep_losses_bitwise_equal"] is True, method
