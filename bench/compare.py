@@ -40,8 +40,8 @@ the process's peak resident set size (``ru_maxrss``), and its growth over the RS
 Noise: every process runs one method's side; the processes of a method run back to back, in alternating order
 from round to round, so the machine's load changes touch all sides alike; ratios are computed within a round and
 their median over rounds is reported. CPU time is the headline clock (it stops while other processes hold the
-core). In ``--quick`` mode one process runs every method of a side (2 steps, 4 rows / pairs / prompts x 4
-generations): a smoke test only.
+core). In ``--quick`` mode one process runs every method and side (2 steps, 4 rows / pairs / prompts x 4
+generations): a smoke test only, its memory figures meaningless.
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def summarize(method: str, rounds: list[dict], warmup: int) -> dict:
         summary["ratios"][f"ltpost_over_{name}_peak_rss"] = (
             summary["sides"]["ltpost"]["peak_rss_mib"] / summary["sides"][name]["peak_rss_mib"]
         )
+        growth = summary["sides"][name]["peak_rss_growth_mib"]  # 0 can happen in --quick's shared process
         summary["ratios"][f"ltpost_over_{name}_peak_rss_growth"] = (
-            summary["sides"]["ltpost"]["peak_rss_growth_mib"] / summary["sides"][name]["peak_rss_growth_mib"]
+            summary["sides"]["ltpost"]["peak_rss_growth_mib"] / growth if growth > 0 else float("nan")
         )
     return summary
 
@@ -307,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all methods and sides")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS)")
-    parser.add_argument("--quick", action="store_true", help="one round, a few steps, one process per side")
+    parser.add_argument("--quick", action="store_true", help="smoke test: one round, 2 small steps, one process")
     parser.add_argument("--output", type=Path, default=None, help=f"the JSON file (default {DEFAULT_OUTPUT})")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jobs", help=argparse.SUPPRESS)
@@ -350,16 +351,14 @@ def main(argv=None) -> dict:
         }
         jobs = {m: [f"{m}:ltpost"] + ([f"{m}:{v}" for v in trl_variants(m)] if with_trl else []) for m in args.methods}
         collected = {m: [] for m in args.methods}
-        if args.quick:  # one process per side, every method in it: the smoke test stays short
-            ltpost = run_worker([jobs[m][0] for m in args.methods], args, worker_env)
-            others = run_worker([j for m in args.methods for j in jobs[m][1:]], args, worker_env) if with_trl else []
-            for m, result in zip(args.methods, ltpost):
-                collected[m].append(dict(result))
-            index = 0
+        if args.quick:  # one process for everything (its peak RSS is shared): the smoke test stays short
+            flat = [job for m in args.methods for job in jobs[m]]
+            results = iter(run_worker(flat, args, worker_env))
             for m in args.methods:
-                for _ in jobs[m][1:]:
-                    collected[m][0].update(others[index])
-                    index += 1
+                merged = {}
+                for _ in jobs[m]:
+                    merged.update(next(results))
+                collected[m].append(merged)
         else:
             for r in range(args.rounds):
                 print(f"round {r}", flush=True)
