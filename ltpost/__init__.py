@@ -5,7 +5,8 @@ The stable surface lives here; newer methods live under ``ltpost.experimental`` 
 
 __version__ = "0.1.0"
 
-from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, TrainingHealth, VLLMSync
+from ltpost import strategies
+from ltpost.callbacks import EvalOnStart, HFExport, ReferenceModel, ResumeState, SLURMRequeue, TrainingHealth, VLLMSync
 from ltpost.datamodules import PreferenceDataModule, PromptDataModule, SFTDataModule
 from ltpost.modules import DPOModule, GRPOModule, RewardModule, RLOOModule, SFTModule
 
@@ -17,11 +18,14 @@ __all__ = [
     "PreferenceDataModule",
     "PromptDataModule",
     "ReferenceModel",
+    "ResumeState",
     "RewardModule",
     "RLOOModule",
     "SFTDataModule",
+    "SLURMRequeue",
     "SFTModule",
     "TrainingHealth",
     "VLLMSync",
+    "strategies",
     "__version__",
 ]

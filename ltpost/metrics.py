@@ -57,15 +57,17 @@ def log_padding_fraction(module: pl.LightningModule, batch: dict) -> None:
 
 
 def health_callbacks(module: pl.LightningModule) -> list:
-    """``[TrainingHealth()]`` for ``configure_callbacks`` unless the module's ``training_health`` is off or the
-    trainer already has one (Lightning would replace the user's with ours)."""
+    """The callbacks every ltpost module adds in ``configure_callbacks``: ``ResumeState`` (exact resume) and
+    ``TrainingHealth`` unless the module's ``training_health`` is off; none the trainer already has (Lightning
+    would replace the user's with ours)."""
     from ltpost.callbacks.health import TrainingHealth
+    from ltpost.callbacks.resume_state import ResumeState
 
-    if not module.hparams.get("training_health", True):
-        return []
-    if any(isinstance(c, TrainingHealth) for c in module.trainer.callbacks):
-        return []
-    return [TrainingHealth()]
+    given = module.trainer.callbacks
+    callbacks = [] if any(isinstance(c, ResumeState) for c in given) else [ResumeState()]
+    if module.hparams.get("training_health", True) and not any(isinstance(c, TrainingHealth) for c in given):
+        callbacks.append(TrainingHealth())
+    return callbacks
 
 
 def reduce_fx(name: str) -> str:

@@ -8,10 +8,30 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch.distributed.tensor import DTensor
 
+from ltpost.rollout.weights import gathered_zero3
+
 log = logging.getLogger(__name__)
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with FSDP2 ``DTensor`` entries gathered (a collective: every rank calls it).
+
+    DeepSpeed ZeRO-3 parameters are gathered too. Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
+    ``save_pretrained`` writes it once, as it does for an unsharded model.
+    """
+    gathered: dict[int, torch.Tensor] = {}
+    state_dict = {}
+    with gathered_zero3(model):  # DeepSpeed ZeRO-3: partitioned parameters gathered (copied out) while it lasts
+        for name, value in model.state_dict(keep_vars=True).items():
+            if id(value) not in gathered:
+                tensor = value.full_tensor() if isinstance(value, DTensor) else value
+                gathered[id(value)] = tensor.detach().clone() if hasattr(value, "ds_id") else tensor.detach()
+            state_dict[name] = gathered[id(value)]
+    return state_dict
 
 
 class HFExport(Callback):
@@ -72,7 +92,7 @@ class HFExport(Callback):
             raise TypeError(
                 f"HFExport needs the module to hold a Hugging Face model in `.model`; {type(pl_module).__name__} does not."
             )
-        state_dict = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+        state_dict = gathered_state_dict(model)
         if not trainer.is_global_zero:
             return
         if self.merge_lora and hasattr(model, "merge_and_unload"):

@@ -33,6 +33,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from ltpost.strategies import no_grad_for
+
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "copy", "adapter", "precompute", "sync"]
@@ -171,12 +173,22 @@ class ReferenceModel(Callback):
     def _build_reference(self, pl_module: pl.LightningModule, from_source: bool = True) -> torch.nn.Module:
         """A frozen reference: loaded from its source when known (exact on resume), else a copy of the policy."""
         builder = getattr(pl_module, "build_reference_model", None)
+        shard = getattr(
+            pl_module.trainer.strategy, "shard_frozen_copy", None
+        )  # FSDP2Strategy: shard it like the policy
         if builder is not None and from_source:
             reference = builder(self.model_name)
+        elif shard is not None:
+            raise ValueError(
+                f"ReferenceModel(mode={self.resolved_mode!r}) copies the policy's structure, which FSDP2Strategy has "
+                "already sharded; use mode='copy' (rebuilt from its source and sharded) or 'adapter' with LoRA."
+            )
         else:
             reference = copy.deepcopy(pl_module.model)
-        reference.to(pl_module.device).eval()
         reference.requires_grad_(False)
+        if shard is not None:
+            reference = shard(reference)
+        reference.to(pl_module.device).eval()
         return reference
 
     # -- the one question modules ask ----------------------------------------------------------------------------
@@ -191,9 +203,9 @@ class ReferenceModel(Callback):
         if mode == "precompute":
             table = self.tables[split]
             return table[batch["example_index"].to(table.device)].to(pl_module.device)
-        # Inference mode (cheaper than no_grad: no version counters or view tracking); the clone afterwards makes a
+        # Inference mode where it is allowed (cheaper than no_grad: no version counters or view tracking); the clone makes a
         # normal tensor that the loss may save for backward.
-        with torch.inference_mode():
+        with no_grad_for(pl_module.model):
             if mode == "adapter":
                 with pl_module.model.disable_adapter():
                     values = compute(pl_module.model, batch)
@@ -203,8 +215,11 @@ class ReferenceModel(Callback):
 
     # -- precompute ----------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _precompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
+        with no_grad_for(pl_module.model):
+            self._precompute_tables(trainer, pl_module, splits)
+
+    def _precompute_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
         """Fill ``self.tables[split]`` for each split, each rank computing a strided shard, then all-gathered."""
         datamodule = trainer.datamodule
         compute = getattr(pl_module, "reference_compute", None)
@@ -234,6 +249,9 @@ class ReferenceModel(Callback):
             if dataset is None:
                 continue
             indices = list(range(rank, len(dataset), world))
+            # Every rank runs the same number of forwards (a sharded model's forward is a collective): a rank short
+            # of rows repeats its first one, which writes the same value into the same row again.
+            indices += indices[:1] * (-(-len(dataset) // world) - len(indices))
             batch_size = self.precompute_batch_size or getattr(datamodule, "eval_batch_size", 8)
             loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=datamodule.collate)
             table: Tensor | None = None

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ltpost.datamodules.data import load_split
+from ltpost.datamodules.resumable import ResumableDataLoader, ResumableSampler, data_parallel_rank, default_seed
 from ltpost.losses.sft import IGNORE_INDEX
 from ltpost.models import load_tokenizer
 
@@ -263,6 +264,8 @@ class PreferenceDataModule(LightningDataModule):
         max_train_samples: use only the first N training pairs (debugging, quick runs).
         max_eval_samples: use only the first N evaluation pairs.
         num_workers: DataLoader worker processes.
+        seed: seed of the train shuffle (each epoch's order is a permutation seeded by ``seed + epoch``, so a
+            resumed run sees the same order); None: the run's seed (``seed_everything``).
         dataset_num_proc: processes for tokenization.
     """
 
@@ -285,6 +288,7 @@ class PreferenceDataModule(LightningDataModule):
         max_eval_samples: int | None = None,
         num_workers: int = 0,
         dataset_num_proc: int | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -295,6 +299,7 @@ class PreferenceDataModule(LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 token (or None for no limit), got {value}.")
         self.save_hyperparameters()
+        self.seed = seed
         self.dataset_name = dataset
         self.tokenizer_name = tokenizer
         self.dataset_config = dataset_config
@@ -416,10 +421,13 @@ class PreferenceDataModule(LightningDataModule):
         return collate_preference(examples, self.tokenizer.pad_token_id, self.padding_free, self.pad_to_multiple_of)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # Resumable mid-epoch (ltpost.datamodules.resumable); the sampler already shards over data-parallel ranks.
+        replicas, rank = data_parallel_rank(self.trainer)
+        sampler = ResumableSampler(self.train_dataset, replicas, rank, shuffle=True, seed=default_seed(self.seed))
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=False,

@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from ltpost.datamodules.data import load_split
+from ltpost.datamodules.resumable import ResumableDataLoader
 from ltpost.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,22 +106,29 @@ class GenerationRounds(IterableDataset):
         self.shuffle = shuffle
         self.epoch_fn = epoch_fn or (lambda: 0)
         self.num_rounds = len(dataset) // (round_size * world_size)
+        self._start = 0
 
     def __len__(self) -> int:
         return self.num_rounds * self.repeats
 
+    def start_at(self, batches: int) -> None:
+        """Begin the next epoch ``batches`` items in (a resumed run; ``ResumableDataLoader`` calls this)."""
+        self._start = batches
+
     def __iter__(self):
+        start, self._start = self._start, 0
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch_fn())
             order = torch.randperm(len(self.dataset), generator=generator).tolist()
         else:
             order = list(range(len(self.dataset)))
         per_round = self.round_size * self.world_size
-        for round_index in range(self.num_rounds):
-            start = round_index * per_round + self.rank * self.round_size
-            batch = self.collate(self.dataset.select(order[start : start + self.round_size]).to_list())
+        for round_index in range(start // self.repeats, self.num_rounds):
+            first = round_index * per_round + self.rank * self.round_size
+            batch = self.collate(self.dataset.select(order[first : first + self.round_size]).to_list())
             for round_step in range(self.repeats):
-                yield {**batch, "round_step": round_step}
+                if round_index * self.repeats + round_step >= start:
+                    yield {**batch, "round_step": round_step}
 
 
 class PromptDataModule(LightningDataModule):
@@ -328,7 +336,7 @@ class PromptDataModule(LightningDataModule):
         # batch_size=None: each item of the iterable is already a whole batch (one round's prompts). The loader has
         # no workers, so Lightning's warning that __len__ may be wrong with several workers does not apply.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-        return DataLoader(self.rounds(steps, iterations), batch_size=None)
+        return ResumableDataLoader(self.rounds(steps, iterations), batch_size=None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.eval_dataset is None:

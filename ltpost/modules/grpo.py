@@ -525,3 +525,18 @@ class GRPOModule(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.num_tokens = checkpoint.get("ltpost_num_tokens", 0)
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's rollout buffer (the round being trained on), saved per rank by ``ResumeState``: a run
+        resumed mid-round trains on the same completions instead of sampling a new round."""
+        buffer = None
+        if self._buffer is not None:
+            buffer = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in step.items()} for step in self._buffer]
+        return {"buffer": buffer}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        buffer = state.get("buffer")
+        if buffer is not None:
+            device = self.device
+            buffer = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in step.items()} for step in buffer]
+        self._buffer = buffer

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from transformers import (
     DynamicCache,
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from ltpost.rollout.base import Rollout, SamplingParams
+from ltpost.strategies import gathered_for_generation, is_sharded, no_grad_for
 
 
 class SampledLogprobRecorder(LogitsProcessor):
@@ -160,8 +162,11 @@ class HFRolloutEngine:
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Nothing to load: this engine generates with the policy's own parameters."""
 
-    @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        with no_grad_for(self.model):
+            return self._generate(prompt_ids, params)
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("HFRolloutEngine.generate needs a non-empty list of non-empty prompts.")
         group = params.num_generations
@@ -172,18 +177,23 @@ class HFRolloutEngine:
         completions: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
+        # FSDP2: gather the weights once for the whole call (not once per token), and keep every rank stepping
+        # until all ranks' rows are done (each forward is a collective; ranks stop at different lengths).
+        synced = is_sharded(self.model) and dist.is_initialized() and dist.get_world_size() > 1
         try:
-            for start in range(0, len(prompt_ids), prompts_per_call):
-                ids, values, cut = self._generate_chunk(prompt_ids[start : start + prompts_per_call], params)
-                completions += ids
-                logprobs += values
-                truncated += cut
+            with gathered_for_generation(self.model):
+                for start in range(0, len(prompt_ids), prompts_per_call):
+                    chunk = prompt_ids[start : start + prompts_per_call]
+                    ids, values, cut = self._generate_chunk(chunk, params, synced)
+                    completions += ids
+                    logprobs += values
+                    truncated += cut
         finally:
             self.model.train(was_training)
         prompt_index = [p for p in range(len(prompt_ids)) for _ in range(group)]
         return Rollout(completions, logprobs, truncated, prompt_index)
 
-    def _generate_chunk(self, prompt_ids: list[list[int]], params: SamplingParams):
+    def _generate_chunk(self, prompt_ids: list[list[int]], params: SamplingParams, synced: bool = False):
         device = next(self.model.parameters()).device
         group = params.num_generations
         width = max(len(p) for p in prompt_ids)
@@ -217,6 +227,7 @@ class HFRolloutEngine:
                 attention_mask=attention_mask,
                 **({self._cache_keyword: cache} if cache is not None else {}),
                 generation_config=config,
+                synced_gpus=synced,
                 logits_processor=LogitsProcessorList([*sampling_processors(params), recorder]),
             )  # [P*G, width + T_new]
         return split_completions(sequences[:, width:], recorder.finish(sequences), set(self.eos_token_ids))
