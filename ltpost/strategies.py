@@ -13,7 +13,9 @@ shard that model after it is built, so no module knows how it is scaled.
   built from the same layer classes (GPU only, as Lightning's ``FSDPStrategy``; prefer FSDP2).
 - ``DeepSpeedZeRO2Strategy`` / ``DeepSpeedZeRO3Strategy``: DeepSpeed ZeRO stage 2 (optimizer state and gradients
   partitioned) and 3 (parameters too), with bf16 when the Trainer's precision asks for it. They need
-  ``pip install deepspeed`` and CUDA GPUs.
+  ``pip install deepspeed`` and CUDA GPUs, and are not yet verified: under ZeRO-3 Lightning builds the model
+  inside ``deepspeed.zero.Init``, where ``from_pretrained``'s initialization of the embedding's padding row fails
+  on partitioned weights (seen on CPU); loading must move outside it (or to ``HfDeepSpeedConfig``).
 
 Memory of a 7B model (Qwen2.5-7B, P = 7.6e9 parameters) per GPU on 8 GPUs, by calculation: model state only
 (bf16 compute, fp32 master weights and AdamW's two fp32 moments: 16 bytes per trained parameter), activations,
