@@ -27,13 +27,21 @@ def configure_adamw(
     ``warmup_steps`` wins over ``warmup_ratio`` when positive; ``total_steps`` is the trainer's
     ``estimated_stepping_batches``.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    # Biases and norm weights are told apart by name and module class, not by ``param.ndim < 2``: a sharded
+    # parameter's local shape is not its shape (FSDP1's flat views and ZeRO-3's partitions are all 1-D), and a
+    # shape rule would silently move every weight out of weight decay there.
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if is_norm or name == "bias" or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (LoRA trains no norm): DeepSpeed drops empty groups, and the scheduler then has one too many.
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [group for group in groups if group["params"]],
         lr=learning_rate,
         betas=(adam_beta1, adam_beta2),
         eps=adam_epsilon,

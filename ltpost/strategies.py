@@ -10,12 +10,13 @@ shard that model after it is built, so no module knows how it is scaled.
   weights); activation checkpointing is transformers' non-reentrant one. Checkpoints are sharded folders
   (``torch.distributed.checkpoint``) by default. Runs on CPU (gloo) and GPU (NCCL).
 - ``FSDP1Strategy``: the older wrapper API (``FullyShardedDataParallel``) with a transformer auto-wrap policy
-  built from the same layer classes (GPU only, as Lightning's ``FSDPStrategy``; prefer FSDP2).
+  built from the same layer classes; the LightningModule is the root unit (embeddings, norm, head). Runs on CPU
+  (gloo) and GPU. Prefer FSDP2: FSDP1 cannot export a LoRA adapter (PEFT's names), and generation gathers each
+  layer at each token.
 - ``DeepSpeedZeRO2Strategy`` / ``DeepSpeedZeRO3Strategy``: DeepSpeed ZeRO stage 2 (optimizer state and gradients
   partitioned) and 3 (parameters too), with bf16 when the Trainer's precision asks for it. They need
-  ``pip install deepspeed`` and CUDA GPUs, and are not yet verified: under ZeRO-3 Lightning builds the model
-  inside ``deepspeed.zero.Init``, where ``from_pretrained``'s initialization of the embedding's padding row fails
-  on partitioned weights (seen on CPU); loading must move outside it (or to ``HfDeepSpeedConfig``).
+  ``pip install deepspeed`` and CUDA GPUs (the tests run them on CPU through a small shim). Under ZeRO-3 the model
+  is loaded partitioned by transformers' own ZeRO-3 loading; a frozen reference model is built whole on each rank.
 
 Memory of a 7B model (Qwen2.5-7B, P = 7.6e9 parameters) per GPU on 8 GPUs, by calculation: model state only
 (bf16 compute, fp32 master weights and AdamW's two fp32 moments: 16 bytes per trained parameter), activations,
@@ -107,30 +108,48 @@ def shard_with_fsdp2(
     layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+        layer._ltpost_reshard_after_forward = reshard_after_forward  # put back after generation
     base = base_model(model)
     head = getattr(base, "score", None)
     if isinstance(head, nn.Module) and isinstance(getattr(base, base.base_model_prefix, None), nn.Module):
         # A sequence classifier (reward model) is run as backbone, then head on the chosen positions
         # (ltpost.modules.reward.sequence_scores), never through its own forward: each needs its own unit, whose
         # hooks gather it when it is called.
-        fully_shard(getattr(base, base.base_model_prefix), reshard_after_forward=False, **kwargs)
-        fully_shard(head, reshard_after_forward=False, **kwargs)
+        for unit in (getattr(base, base.base_model_prefix), head):
+            fully_shard(unit, reshard_after_forward=False, **kwargs)
+            unit._ltpost_reshard_after_forward = False
     # The root is gathered for the whole forward anyway (embeddings first, head last): keep it gathered.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    model._ltpost_reshard_after_forward = False
     log.info(f"FSDP2: sharded {len(layers)} decoder layers and the root over {mesh.size()} ranks")
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds FSDP2-sharded (``DTensor``) parameters."""
+def sharding_of(model: nn.Module) -> Literal["fsdp2", "fsdp1", "zero3"] | None:
+    """How ``model``'s parameters are split over ranks: FSDP2 (``DTensor`` parameters), FSDP1 (wrapped units
+    inside it), DeepSpeed ZeRO-3 (partitioned parameters), or not at all (``None``: DDP, ZeRO-2, one device)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    parameters = list(model.parameters())
+    if any(isinstance(p, DTensor) for p in parameters):
+        return "fsdp2"
+    if any(hasattr(p, "ds_id") for p in parameters):
+        return "zero3"
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return "fsdp1"
+    return None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded over ranks (FSDP2, FSDP1 or ZeRO-3): each of its forwards is then
+    a collective, so ranks must run the same number of them."""
+    return sharding_of(model) is not None
 
 
 def no_grad_for(model: nn.Module):
-    """``torch.inference_mode()`` (the cheaper one), or ``torch.no_grad()`` for an FSDP2-sharded model: FSDP2
-    gathers parameters into buffers it reuses in training, and buffers made in inference mode cannot be."""
+    """``torch.inference_mode()`` (the cheaper one), or ``torch.no_grad()`` for a sharded model: FSDP and ZeRO-3
+    gather parameters into buffers they reuse in training, and buffers made in inference mode cannot be."""
     return torch.no_grad() if is_sharded(model) else torch.inference_mode()
 
 
@@ -139,8 +158,9 @@ def gathered_for_generation(model: nn.Module) -> Iterator[None]:
     """Keep an FSDP2 model's parameters gathered for a whole ``generate`` call, then shard them again.
 
     Without this, every generated token re-gathers every layer (one all-gather per layer per token). Inside, each
-    rank holds the full weights once (the memory of an unsharded model, for the length of the call). Nothing
-    happens for a model that is not FSDP2-sharded.
+    rank holds the full weights once (the memory of an unsharded model, for the length of the call). Each unit's
+    own ``reshard_after_forward`` comes back afterwards. FSDP1 and ZeRO-3 models are left to gather layer by layer
+    (slower; use FSDP2 or vLLM for rollouts at scale); nothing happens for a model that is not sharded.
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -155,7 +175,31 @@ def gathered_for_generation(model: nn.Module) -> Iterator[None]:
     finally:
         for module in fsdp_modules:
             module.reshard()
-            module.set_reshard_after_forward(module is not model, recurse=False)
+            module.set_reshard_after_forward(reshard_after_forward_of(module, model), recurse=False)
+
+
+def reshard_after_forward_of(unit: nn.Module, root: nn.Module) -> bool:
+    """The ``reshard_after_forward`` a unit was sharded with (recorded by ``shard_with_fsdp2``; FSDP2's default
+    otherwise: True, except the root)."""
+    return getattr(unit, "_ltpost_reshard_after_forward", unit is not root)
+
+
+@contextlib.contextmanager
+def gathered_root(root: nn.Module | None) -> Iterator[None]:
+    """Under FSDP1, gather the root unit's own parameters (those outside every decoder-layer unit: embeddings, final
+    norm, head) for calls to the model outside a training or validation step, such as a reference precompute.
+
+    FSDP1 wraps the LightningModule as the root unit, so it gathers them only around ``training_step`` /
+    ``validation_step``. Costs the memory of those parameters for the length of the block. ``root`` is
+    ``trainer.strategy.model``; anything but an FSDP1 root passes through.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(root, FullyShardedDataParallel):
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False):
+        yield
 
 
 def check_all_trainable_sharded(module: nn.Module) -> None:
@@ -273,8 +317,11 @@ class FSDP1Strategy(FSDPStrategy):
         kwargs: anything else ``lightning.pytorch.strategies.FSDPStrategy`` takes (``cpu_offload``,
             ``mixed_precision``...).
 
-    The wrap policy needs the layer classes before the model exists; the Trainer gives the strategy the module
-    late, so the classes are resolved in ``setup`` from ``self.model`` of the LightningModule.
+    The wrap policy needs the layer classes, known only once ``configure_model`` has built the model, so this
+    strategy wraps the LightningModule itself in ``setup`` (with the arguments Lightning would use), and
+    Lightning's own wrapping then finds it wrapped. Wrapping here also passes the root device as FSDP's
+    ``device_id`` on CPU too, where Lightning passes none (and FSDP then cannot place the flat parameters), so the
+    same code path runs under gloo in the tests.
     """
 
     def __init__(
@@ -288,14 +335,30 @@ class FSDP1Strategy(FSDPStrategy):
         self._ltpost_activation_checkpointing = activation_checkpointing
 
     def setup(self, trainer) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        model = getattr(self.lightning_module, "model", None)
-        if isinstance(model, nn.Module) and "auto_wrap_policy" not in self.kwargs:
-            classes = layer_classes(model)
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
+        pl_module = self.lightning_module
+        model = getattr(pl_module, "model", None)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                "FSDP1Strategy wraps the decoder layers of the LightningModule's `self.model`, set in "
+                f"configure_model(); {type(pl_module).__name__}.model is {type(model).__name__}."
+            )
+        already_wrapped = any(isinstance(m, FullyShardedDataParallel) for m in self.model.modules())
+        if not already_wrapped:
             if self._ltpost_activation_checkpointing:  # transformers' own, as under FSDP2 and DeepSpeed
                 base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy = self.kwargs.pop("auto_wrap_policy", None) or ModuleWrapPolicy(layer_classes(model))
+            self.model = FullyShardedDataParallel(
+                module=self.precision_plugin.convert_module(self.model),
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=self.root_device,
+                auto_wrap_policy=policy,
+                **self.kwargs,
+            )
         super().setup(trainer)
 
 
@@ -323,6 +386,9 @@ class _DeepSpeedPreset(DeepSpeedStrategy):
             **kwargs,
         )
         self._ltpost_activation_checkpointing = activation_checkpointing
+        # Only DeepSpeed's throughput log reads it. Left unset, Lightning builds an extra train loader to guess it
+        # and fails on loaders without a fixed batch size (GRPO/RLOO's prompt loader).
+        self.config.setdefault("train_micro_batch_size_per_gpu", 1)
 
     def setup(self, trainer) -> None:
         model = getattr(self.lightning_module, "model", None)
@@ -354,3 +420,23 @@ class DeepSpeedZeRO3Strategy(_DeepSpeedPreset):
     """
 
     stage = 3
+
+    @contextlib.contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """Build the model in ``configure_model`` with transformers' own ZeRO-3 loading, not Lightning's
+        ``deepspeed.zero.Init`` around the hook: ``from_pretrained`` / ``from_config`` then create every layer
+        partitioned and initialize or load weights into the partitions (gathering one module at a time), where under
+        a bare ``zero.Init`` its weight initialization indexes empty partitions and fails. Models built later (a
+        frozen reference) are built whole on each rank."""
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # zero.Init parses the whole config, batch size included, which Lightning fills in only later; the
+        # partitioning does not depend on it (Lightning defaults it to 1 the same way when it initializes).
+        config = {"train_micro_batch_size_per_gpu": 1, **self.config}
+        hf_config = HfDeepSpeedConfig(config)  # transformers holds a weak reference: keep it alive here
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_config

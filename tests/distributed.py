@@ -20,7 +20,14 @@ def free_port() -> int:
 
 
 def script_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # DS_ACCELERATOR: DeepSpeed's CPU accelerator for tests/cpu_shims.py (read by DeepSpeed only).
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+    }
 
 
 def check(result: subprocess.CompletedProcess) -> None:

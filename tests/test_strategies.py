@@ -101,3 +101,76 @@ def test_a_checkpoint_at_the_end_of_an_epoch_resumes_at_the_next_epoch_start():
 def test_ranks_take_disjoint_shares():
     shares = [sum(batches(loader(rank=r, replicas=2)), []) for r in (0, 1)]
     assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(10))
+
+
+def test_weight_decay_groups_do_not_depend_on_local_shapes(tiny):
+    """AdamW's groups: every Linear/Embedding weight decays, every norm weight does not (the tiny Llama has no
+    biases). Sharded parameters are 1-D locally (FSDP1's flat views, ZeRO-3's partitions); flattening every
+    parameter in place, as they do, must leave the groups unchanged (a shape rule put everything in no-decay)."""
+    import copy
+
+    from ltpost.optim import configure_adamw
+
+    def groups(model):
+        config = configure_adamw(
+            model, learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+            lr_scheduler_type="constant", warmup_steps=0, warmup_ratio=0.0, total_steps=10,
+        )  # fmt: skip
+        names = {id(p): n for n, p in model.named_parameters()}
+        return [sorted(names[id(p)] for p in g["params"]) for g in config["optimizer"].param_groups]
+
+    decay, no_decay = groups(tiny)
+    n_layers = tiny.config.num_hidden_layers
+    assert len(no_decay) == 2 * n_layers + 1 and all("norm" in n for n in no_decay)  # two per layer + final
+    assert len(decay) == 7 * n_layers + 1 + (0 if tiny.config.tie_word_embeddings else 1)  # q k v o gate up down
+    flat = copy.deepcopy(tiny)
+    for param in flat.parameters():
+        param.data = param.data.flatten()
+    assert groups(flat) == [decay, no_decay]
+    lora_like = copy.deepcopy(tiny)
+    for name, param in lora_like.named_parameters():
+        param.requires_grad_("norm" not in name)
+    assert groups(lora_like) == [decay]  # no empty group (DeepSpeed would drop it under the scheduler)
+
+
+GENERATION_RESTORES = r"""
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from ltpost.models import load_model
+from ltpost.strategies import decoder_layers, gathered_for_generation, shard_with_fsdp2
+
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + os.environ["PORT"])
+model = load_model("ltpost:tiny-llama")
+units = decoder_layers(model) + [model]
+shard_with_fsdp2(model, init_device_mesh("cpu", (1,)), reshard_after_forward=False)
+calls = {}
+for unit in units:
+    original = unit.set_reshard_after_forward
+    def spy(value, recurse=True, unit=unit, original=original):
+        calls.setdefault(id(unit), []).append(value)
+        original(value, recurse=recurse)
+    unit.set_reshard_after_forward = spy
+with gathered_for_generation(model):
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+print("LAST", sorted({values[-1] for values in calls.values()}), len(calls))
+dist.destroy_process_group()
+"""
+
+
+def test_generation_puts_back_each_units_own_reshard_setting():
+    """``gathered_for_generation`` keeps every FSDP2 unit gathered for the call, then restores the setting the unit
+    was sharded with: ``reshard_after_forward=False`` layers stay False (the defaults came back before)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distributed import REPO, free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", GENERATION_RESTORES], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = [line for line in result.stdout.splitlines() if line.startswith("LAST")]
+    n_units = 1 + load_model("ltpost:tiny-llama").config.num_hidden_layers
+    assert last == [f"LAST [False] {n_units}"]

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
 from ltpost.rollout.weights import gathered_zero3
@@ -17,12 +18,20 @@ from ltpost.rollout.weights import gathered_zero3
 log = logging.getLogger(__name__)
 
 
-def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gathered_state_dict(model: torch.nn.Module, root: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with FSDP2 ``DTensor`` entries gathered (a collective: every rank calls it).
 
-    DeepSpeed ZeRO-3 parameters are gathered too. Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
+    DeepSpeed ZeRO-3 parameters are gathered too, and FSDP1's units when ``root`` (``trainer.strategy.model``) is
+    FSDP1's root. Tied parameters (an input embedding shared with the head) stay one tensor under both names, so
     ``save_pretrained`` writes it once, as it does for an unsharded model.
     """
+    if isinstance(root, FullyShardedDataParallel):
+        if hasattr(model, "peft_config"):
+            raise NotImplementedError(
+                "HFExport cannot write a LoRA adapter from under FSDP1Strategy: PEFT picks the adapter's entries by "
+                "module path, which FSDP1's wrappers change. Use FSDP2Strategy (LoRA export tested) or DDP."
+            )
+        return fsdp1_full_state_dict(root, model)
     gathered: dict[int, torch.Tensor] = {}
     state_dict = {}
     with gathered_zero3(model):  # DeepSpeed ZeRO-3: partitioned parameters gathered (copied out) while it lasts
@@ -31,6 +40,31 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 tensor = value.full_tensor() if isinstance(value, DTensor) else value
                 gathered[id(value)] = tensor.detach().clone() if hasattr(value, "ds_id") else tensor.detach()
             state_dict[name] = gathered[id(value)]
+    return state_dict
+
+
+def fsdp1_full_state_dict(root: FullyShardedDataParallel, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s full state dict from under FSDP1's root (the wrapped LightningModule), on every rank.
+
+    Only the root can gather it: FSDP1 keeps the parameters outside every layer unit (embeddings, norm, head) in the
+    root's flat parameter, so the model's own ``state_dict()`` would return their local shards. The entries of a
+    tied head, gathered as separate copies, are made one tensor again so ``save_pretrained`` writes it once.
+    """
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+
+    prefix = next(name for name, module in root.module.named_modules() if module is model) + "."
+    config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+    with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+        full = root.state_dict()
+    state_dict = {name[len(prefix) :]: value for name, value in full.items() if name.startswith(prefix)}
+    # Which names share one parameter (tied), from the model itself (FSDP1 adds a wrapper level to layer names).
+    own = model.named_parameters(remove_duplicate=False)
+    first_name: dict[int, str] = {}
+    for name, value in own:
+        name = name.replace("_fsdp_wrapped_module.", "")
+        if name in state_dict:
+            first = first_name.setdefault(id(value), name)
+            state_dict[name] = state_dict[first]
     return state_dict
 
 
@@ -92,7 +126,7 @@ class HFExport(Callback):
             raise TypeError(
                 f"HFExport needs the module to hold a Hugging Face model in `.model`; {type(pl_module).__name__} does not."
             )
-        state_dict = gathered_state_dict(model)
+        state_dict = gathered_state_dict(model, trainer.strategy.model)
         if not trainer.is_global_zero:
             return
         if self.merge_lora and hasattr(model, "merge_and_unload"):

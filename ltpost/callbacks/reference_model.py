@@ -33,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ltpost.strategies import no_grad_for
+from ltpost.strategies import gathered_root, is_sharded, no_grad_for
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,11 @@ class ReferenceModel(Callback):
         )  # FSDP2Strategy: shard it like the policy
         if builder is not None and from_source:
             reference = builder(self.model_name)
-        elif shard is not None:
+        elif shard is not None or is_sharded(pl_module.model):
             raise ValueError(
-                f"ReferenceModel(mode={self.resolved_mode!r}) copies the policy's structure, which FSDP2Strategy has "
-                "already sharded; use mode='copy' (rebuilt from its source and sharded) or 'adapter' with LoRA."
+                f"ReferenceModel(mode={self.resolved_mode!r}) copies the policy's structure, which the strategy "
+                f"({type(pl_module.trainer.strategy).__name__}) has already sharded; use mode='copy' (rebuilt from its "
+                "source) or 'adapter' with LoRA."
             )
         else:
             reference = copy.deepcopy(pl_module.model)
@@ -216,7 +217,8 @@ class ReferenceModel(Callback):
     # -- precompute ----------------------------------------------------------------------------------------------
 
     def _precompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
-        with no_grad_for(pl_module.model):
+        # FSDP1 gathers the root's parameters only inside a step; this runs before the first one.
+        with no_grad_for(pl_module.model), gathered_root(trainer.strategy.model):
             self._precompute_tables(trainer, pl_module, splits)
 
     def _precompute_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:

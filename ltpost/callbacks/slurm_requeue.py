@@ -4,8 +4,8 @@ SLURM warns a job before it ends (``#SBATCH --signal=USR1@90``: SIGUSR1 90 s bef
 ``scancel --signal=USR1`` preempts it). Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves
 the checkpoint inside the signal handler, at whatever point each rank happens to be; with several ranks their
 checkpoint collectives can interleave with a collective of the step in flight. This callback only notes the
-signal, and at the end of the next training batch every rank agrees on it (one scalar all-reduce per step:
-ranks receive signals at different moments), saves ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` together,
+signal, and every ``check_every_n_steps`` optimizer steps all ranks agree on it (one scalar all-reduce, a host
+sync, which is why it is not every step; ranks receive signals at different moments), save ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` together,
 and the run stops; at teardown (loggers flushed, end-of-fit callbacks done) rank 0 runs ``scontrol requeue``,
 which ends the job's processes at once: code after ``trainer.fit`` may not run. Lightning resumes from the newest ``hpc_ckpt_*`` by
 itself when the requeued job starts on SLURM (``fit`` without ``ckpt_path``), and with ltpost's resumable
@@ -41,12 +41,18 @@ class SLURMRequeue(Callback):
     Args:
         signum: the signal SLURM sends ahead of the end (match ``#SBATCH --signal=USR1@90``).
         requeue: run ``scontrol requeue $SLURM_JOB_ID`` after the checkpoint (off: only checkpoint and stop).
+        check_every_n_steps: how often ranks agree on the signal (a scalar all-reduce and host sync each time).
+            The checkpoint starts within this many optimizer steps of the signal: keep their duration, plus the
+            checkpoint's, well inside the warning time (``--signal=USR1@120`` in ltpost's templates).
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True) -> None:
+    def __init__(self, signum: int = signal.SIGUSR1, requeue: bool = True, check_every_n_steps: int = 5) -> None:
         super().__init__()
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be at least 1, got {check_every_n_steps}.")
         self.signum = signal.Signals(signum)
         self.requeue = requeue
+        self.check_every_n_steps = check_every_n_steps
         self.received = False
         self.checkpoint_path: str | None = None
         self._previous_handler = None
@@ -61,6 +67,8 @@ class SLURMRequeue(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.is_last_batch:
             return  # mid-accumulation: a checkpoint now would drop the accumulated gradients
+        if trainer.global_step % self.check_every_n_steps and not trainer.is_last_batch:
+            return
         received = self.received
         if trainer.world_size > 1:
             flag = torch.tensor(float(received), device=pl_module.device)

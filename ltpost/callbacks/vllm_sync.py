@@ -97,7 +97,7 @@ class VLLMSync(Callback):
             return False
         start = time.perf_counter()
         sends = trainer.is_global_zero or not getattr(engine, "shared_across_ranks", False)
-        with policy_weights(pl_module.model) as weights:
+        with policy_weights(pl_module.model, trainer.strategy.model) as weights:
             if sends:
                 engine.load_weights(weights)
             else:

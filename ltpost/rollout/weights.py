@@ -7,6 +7,7 @@ full (unsharded) tensors:
   (``base_model.model.``, ``.base_layer``, ``.modules_to_save.default``) are stripped and the adapter matrices
   skipped, so the names are the base model's. ``merged_adapters`` unmerges on exit, errors included.
 - FSDP2: a ``DTensor`` is gathered with ``full_tensor()`` (a collective: every rank must iterate, in the same order).
+- FSDP1: the root's ``summon_full_params`` around the whole iteration (``gathered_fsdp1``).
 - DeepSpeed ZeRO-3: partitioned parameters (those with a ``ds_id``) are gathered with
   ``deepspeed.zero.GatheredParameters`` around the whole iteration (``gathered_zero3``), imported only then.
 
@@ -41,7 +42,7 @@ def hf_name(name: str) -> str | None:
     (LoRA matrices, DoRA magnitudes, the frozen originals of ``modules_to_save``)."""
     if "lora_" in name or ".original_module." in name:
         return None
-    name = name.removeprefix(PEFT_PREFIX)
+    name = name.replace("_fsdp_wrapped_module.", "").removeprefix(PEFT_PREFIX)  # FSDP1 wraps each layer
     return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
@@ -98,10 +99,24 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
 
 
 @contextmanager
-def policy_weights(model: torch.nn.Module):
-    """``hf_weights(model)`` with the adapters merged and ZeRO-3 parameters gathered while the block runs."""
-    with gathered_zero3(model), merged_adapters(model):
+def policy_weights(model: torch.nn.Module, root: torch.nn.Module | None = None):
+    """``hf_weights(model)`` with the adapters merged and ZeRO-3 parameters gathered while the block runs; under
+    FSDP1 pass its root (``trainer.strategy.model``), whose parameters are then all gathered (a full copy per rank
+    while the block lasts)."""
+    with gathered_fsdp1(root), gathered_zero3(model), merged_adapters(model):
         yield hf_weights(model)
+
+
+@contextmanager
+def gathered_fsdp1(root: torch.nn.Module | None):
+    """Every FSDP1 unit under ``root`` gathered, read-only, while the block runs; nothing for anything else."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(root, FullyShardedDataParallel):
+        yield
+        return
+    with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+        yield
 
 
 def save_safetensors(weights: Iterator[tuple[str, Tensor]], folder: str | Path) -> Path:
@@ -146,6 +161,7 @@ def save_engine_folder(model: torch.nn.Module, tokenizer, folder: str | Path) ->
 __all__ = [
     "base_model",
     "full_tensor",
+    "gathered_fsdp1",
     "gathered_zero3",
     "hf_name",
     "hf_weights",

@@ -28,6 +28,7 @@ import lightning as L  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
 import ltpost  # noqa: E402
+from tests import cpu_shims  # noqa: E402
 
 
 class RecordLosses(Callback):
@@ -108,12 +109,15 @@ def run(method: str, args: argparse.Namespace) -> None:
             ModelCheckpoint(dirpath=out / f"{method}-ckpt", every_n_train_steps=args.stop_at, save_top_k=-1)
         )
     if slurm:
-        callbacks.append(ltpost.SLURMRequeue())
+        callbacks.append(ltpost.SLURMRequeue(check_every_n_steps=2))  # the signal lands at step 2 or 3
     if args.export:
         callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-hf")))
     callbacks.append(WriteReport(record, out / f"{method}-{tag}.json", method, args.strategy, out / f"{method}-ckpt"))
     presets = {
         "fsdp2": lambda: ltpost.strategies.FSDP2Strategy(),
+        "fsdp1": lambda: ltpost.strategies.FSDP1Strategy(),
+        "zero2": lambda: cpu_shims.CPUDeepSpeedZeRO2Strategy(),
+        "zero3": lambda: cpu_shims.CPUDeepSpeedZeRO3Strategy(),
         # bf16 gathers and compute, fp32 reduction and master weights, activation checkpointing, no reshard
         "fsdp2-bf16": lambda: ltpost.strategies.FSDP2Strategy(
             mixed_precision="bf16", activation_checkpointing=True, reshard_after_forward=False
@@ -157,6 +161,11 @@ class WriteReport(Callback):
         self.started = time.perf_counter()
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # The model's trained parameter count: ZeRO-3 partitions know their full size (ds_numel); FSDP1's flat
+        # shards add up over ranks (a collective, so before rank 0 goes its own way).
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in pl_module.parameters() if p.requires_grad)
+        if ltpost.strategies.sharding_of(pl_module.model) == "fsdp1":
+            trainable = int(trainer.strategy.reduce(torch.tensor(trainable), reduce_op="sum"))
         if not trainer.is_global_zero:
             return
         report = {
@@ -168,7 +177,7 @@ class WriteReport(Callback):
             "fit_s": time.perf_counter() - self.started,
             "steps": self.record.steps,
             "sharded_checkpoint": any(p.is_dir() for p in self.checkpoints.glob("*.ckpt")),
-            "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+            "trainable_parameters": trainable,
             "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
         }
         self.path.write_text(json.dumps(report))
