@@ -49,6 +49,23 @@ def run_torchrun(out: Path, *args: str, nproc: int = 2, timeout: int = 400) -> N
     check(subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=timeout))
 
 
+def run_two_nodes(commands: list[list[str]], envs: list[dict[str, str]], timeout: int = 300) -> None:
+    """Two launches at once, one per "node" on 127.0.0.1 (they rendezvous with each other); both must succeed.
+    Whatever is still running when one fails or times out is killed."""
+    procs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command, env in zip(commands, envs)
+    ]
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=timeout)
+            check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def load(out: Path, method: str, phase: str) -> dict:
     return json.loads((out / f"{method}-{phase}.json").read_text())
 

@@ -10,14 +10,22 @@ reference model (DPO's precomputed table, GRPO/RLOO's frozen copy, sharded), and
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed import SCRIPT, check, free_port, load, losses, resumed_losses, run_torchrun, script_env
+from tests.distributed import (
+    SCRIPT,
+    free_port,
+    load,
+    losses,
+    resumed_losses,
+    run_torchrun,
+    run_two_nodes,
+    script_env,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -94,25 +102,18 @@ def test_two_nodes_on_localhost_without_slurm(ddp, tmp_path):
     variables (what torchrun --nnodes or a cluster sets); same global ranks and data as the 2-process DDP run,
     so the same losses."""
     port = free_port()
-    procs = []
-    for node_rank in (0, 1):
-        env = {
+    command = [sys.executable, str(SCRIPT), str(tmp_path), "--strategy=ddp", "--num-nodes=2", "--devices=1"]
+    envs = [
+        {
             **script_env(),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "NODE_RANK": str(node_rank),
             "WORLD_SIZE": "2",
         }
-        command = [sys.executable, str(SCRIPT), str(tmp_path), "--strategy=ddp", "--num-nodes=2", "--devices=1"]
-        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+        for node_rank in (0, 1)
+    ]
+    run_two_nodes([command, command], envs)
     report = load(tmp_path, "sft", "full")
     assert report["num_nodes"] == 2 and report["world_size"] == 2
     assert losses(report) == losses(load(ddp, "sft", "full"))
@@ -121,24 +122,25 @@ def test_two_nodes_on_localhost_without_slurm(ddp, tmp_path):
 def test_two_nodes_with_torchrun(ddp, tmp_path):
     """The same with ``torchrun --nnodes=2 --node-rank=R --master-addr=127.0.0.1``."""
     port = free_port()
-    procs = []
-    for node_rank in (0, 1):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
-            "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-            str(SCRIPT), str(tmp_path), "--strategy=ddp", "--num-nodes=2", "--devices=1",
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            f"--node-rank={node_rank}",
+            "--nproc-per-node=1",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            str(SCRIPT),
+            str(tmp_path),
+            "--strategy=ddp",
+            "--num-nodes=2",
+            "--devices=1",
         ]  # fmt: skip
-        procs.append(
-            subprocess.Popen(command, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    try:
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            check(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+        for node_rank in (0, 1)
+    ]
+    run_two_nodes(commands, [script_env(), script_env()])
     report = load(tmp_path, "sft", "full")
     assert report["num_nodes"] == 2 and report["environment"] == "TorchElasticEnvironment"
     assert losses(report) == losses(load(ddp, "sft", "full"))
