@@ -174,3 +174,34 @@ def test_generation_puts_back_each_units_own_reshard_setting():
     last = [line for line in result.stdout.splitlines() if line.startswith("LAST")]
     n_units = 1 + load_model("ltpost:tiny-llama").config.num_hidden_layers
     assert last == [f"LAST [False] {n_units}"]
+
+
+def test_slurm_requeue_acts_at_the_next_check_and_refuses_a_zero_interval(tmp_path):
+    """SIGUSR1 at step 1 with ``check_every_n_steps=3``: nothing happens until step 3, where ``hpc_ckpt_1.ckpt``
+    is written and the run stops (no SLURM job here, so no requeue)."""
+    import os
+    import signal
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        ltpost.SLURMRequeue(check_every_n_steps=0)
+
+    class SignalAtStepOne(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    requeue = ltpost.SLURMRequeue(check_every_n_steps=3)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=10, default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[SignalAtStepOne(), requeue],
+    )  # fmt: skip
+    trainer.fit(
+        ltpost.SFTModule(learning_rate=1e-3, warmup_ratio=0.0),
+        datamodule=ltpost.SFTDataModule(batch_size=2, max_train_samples=40),
+    )
+    assert trainer.global_step == 3
+    assert requeue.checkpoint_path == str(tmp_path / "hpc_ckpt_1.ckpt") and os.path.exists(requeue.checkpoint_path)
