@@ -95,8 +95,13 @@ def test_two_node_sft_is_preempted_requeued_and_resumes_exactly(cluster, referen
     cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@120 sends before the time limit
     # SLURM holds a requeued job for about two minutes before it may start again (measured: 140 s here); let it
     # start as soon as it is requeued, as an administrator would.
+    # Release it once it is back in the queue (PENDING): released while still RUNNING or COMPLETING, the update
+    # does not stick and the job waits out the hold.
     deadline = time.monotonic() + 120
-    while cluster.job_state(job) == "RUNNING" and time.monotonic() < deadline:
+    while (state := cluster.job_state(job)) != "PENDING" and time.monotonic() < deadline:
+        assert state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), (
+            f"not requeued: {state}\n{job_output(tmp_path)}"
+        )
         time.sleep(0.5)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
     state = cluster.wait(job, timeout=300, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
