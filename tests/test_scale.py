@@ -87,6 +87,33 @@ def test_hf_export_from_a_sharded_run_equals_the_ddp_export(ddp, fsdp2, method):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["sft-lora", "grpo", "rloo"])
+def test_weights_pushed_to_vllm_from_fsdp2_equal_the_ddp_ones(ddp, fsdp2, method):
+    """What VLLMSync sends a vLLM engine (``policy_weights``: DTensor shards gathered, LoRA merged into the base
+    weights on the sharded model, the base model's names) equals what it sends from the DDP run. Merging on
+    DTensors rounds like merging plain tensors (measured: equal to 0.0)."""
+    a = load_file(ddp / f"{method}-full-pushed.safetensors")
+    b = load_file(fsdp2 / f"{method}-full-pushed.safetensors")
+    assert set(a) == set(b) and not any("lora" in name for name in b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_merged_lora_export_from_fsdp2_equals_the_ddp_one(ddp, fsdp2):
+    """``HFExport(merge_lora=True)`` of a sharded LoRA run: the adapters are merged into the DTensor shards, gathered
+    and written as plain full weights (no adapter names), which ``from_pretrained`` loads with nothing missing;
+    equal to the DDP run's merged export (a merged copy) to 1e-6."""
+    from transformers import AutoModelForCausalLM
+
+    a = load_file(ddp / "sft-lora-full-merged-hf" / "model.safetensors")
+    b = load_file(fsdp2 / "sft-lora-full-merged-hf" / "model.safetensors")
+    assert set(a) == set(b) and not any("lora" in name for name in b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    _, info = AutoModelForCausalLM.from_pretrained(fsdp2 / "sft-lora-full-merged-hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_qlora_under_ddp_trains_adapters_in_lockstep(ddp):
     """4-bit NF4 base + LoRA under DDP: both ranks' losses are finite and fall, only adapters train."""
     report = load(ddp, "sft-qlora", "full")

@@ -205,3 +205,44 @@ def test_slurm_requeue_acts_at_the_next_check_and_refuses_a_zero_interval(tmp_pa
     )
     assert trainer.global_step == 3
     assert requeue.checkpoint_path == str(tmp_path / "hpc_ckpt_1.ckpt") and os.path.exists(requeue.checkpoint_path)
+
+
+FSDP1_ADAPTER_EXPORT = r"""
+import os, torch, torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from ltpost.callbacks.hf_export import gathered_state_dict
+from ltpost.models import load_model
+from ltpost.strategies import layer_classes
+
+dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:" + os.environ["PORT"])
+base = load_model("ltpost:tiny-llama")
+policy = ModuleWrapPolicy(layer_classes(base))
+model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+holder = torch.nn.Module()
+holder.model = model
+root = FullyShardedDataParallel(holder, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True)
+try:
+    gathered_state_dict(model, root)
+except NotImplementedError as error:
+    print("REFUSED", error)
+dist.destroy_process_group()
+"""
+
+
+def test_a_lora_adapter_export_under_fsdp1_is_refused_with_the_fix():
+    """PEFT selects an adapter's entries by module path, which FSDP1's wrappers change: written, the adapter file
+    would be empty. HFExport refuses and names the fix (FSDP2, or DDP; ``merge_lora=True`` works under FSDP1)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distributed import REPO, free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", FSDP1_ADAPTER_EXPORT], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "FSDP2Strategy" in result.stdout, result.stdout[-2000:]

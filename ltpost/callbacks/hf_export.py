@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
 
-from ltpost.rollout.weights import gathered_zero3
+from ltpost.rollout.weights import gathered_zero3, is_peft_model, policy_weights
+from ltpost.strategies import base_model, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ def gathered_state_dict(model: torch.nn.Module, root: torch.nn.Module | None = N
         if hasattr(model, "peft_config"):
             raise NotImplementedError(
                 "HFExport cannot write a LoRA adapter from under FSDP1Strategy: PEFT picks the adapter's entries by "
-                "module path, which FSDP1's wrappers change. Use FSDP2Strategy (LoRA export tested) or DDP."
+                "module path, which FSDP1's wrappers change. Use FSDP2Strategy (LoRA export tested) or DDP, or "
+                "HFExport(merge_lora=True) for full weights with the adapters merged (works under FSDP1)."
             )
         return fsdp1_full_state_dict(root, model)
     gathered: dict[int, torch.Tensor] = {}
@@ -75,7 +77,8 @@ class HFExport(Callback):
     tokenizer, which carries any chat template override, wins). A PEFT model is saved as an adapter folder,
     which ``AutoModelForCausalLM.from_pretrained`` loads together with its base; ``merge_lora=True`` instead
     saves full weights with the adapters merged (costs one extra copy of the model in host memory while it
-    runs; the trainer's own model keeps its adapters unmerged). Sharded (FSDP2 DTensor) weights are gathered on
+    runs; the trainer's own model keeps its adapters unmerged; on a sharded model the adapters are merged into the
+    shards in place and unmerged after, as for a vLLM push). Sharded weights (FSDP2, FSDP1, ZeRO-3) are gathered on
     every rank and written by rank zero.
 
     Args:
@@ -126,15 +129,23 @@ class HFExport(Callback):
             raise TypeError(
                 f"HFExport needs the module to hold a Hugging Face model in `.model`; {type(pl_module).__name__} does not."
             )
-        state_dict = gathered_state_dict(model, trainer.strategy.model)
+        root = trainer.strategy.model
+        merge = self.merge_lora and is_peft_model(model)
+        if merge and is_sharded(model):
+            # No whole copy to merge on a sharded model: merge the adapters into the shards in place (as VLLMSync
+            # does), gather the merged weights under the base model's names, and unmerge (the trainer's base weights
+            # come back to about 1e-7 relative).
+            with policy_weights(model, root) as weights:
+                state_dict = {name: tensor.detach().clone() for name, tensor in weights}
+            model = base_model(model)
+        elif merge:
+            state_dict = None  # rank 0 merges a copy below
+        else:
+            state_dict = gathered_state_dict(model, root)
         if not trainer.is_global_zero:
             return
-        if self.merge_lora and hasattr(model, "merge_and_unload"):
-            if any(isinstance(v, DTensor) for v in model.state_dict().values()):
-                raise NotImplementedError(
-                    "merge_lora=True is not supported for sharded (DTensor) models yet; export the adapter."
-                )
-            model, state_dict = copy.deepcopy(model).merge_and_unload(), None
+        if merge and state_dict is None:
+            model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(dirpath, state_dict=state_dict, safe_serialization=self.safe_serialization)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         tokenizer = tokenizer or getattr(pl_module, "tokenizer", None)

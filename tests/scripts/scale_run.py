@@ -8,7 +8,9 @@ Usage (one process, Lightning's own launcher, torchrun, or srun all work; the en
 Phases: ``full`` trains ``max_steps`` uninterrupted; ``first`` stops right after the checkpoint of step
 ``stop_at`` (an interruption); ``resume`` continues from that checkpoint. Several methods run one after another
 in the same processes. Rank 0 writes ``OUT_DIR/<method>-<phase>.json``: every step's training loss on every
-rank (all-gathered), and for ``--export`` an HFExport folder ``OUT_DIR/<method>-<phase>-hf``. Under SLURM with
+rank (all-gathered), and for ``--export`` an HFExport folder ``OUT_DIR/<method>-<phase>-hf`` and the weights a
+vLLM engine would be sent, ``OUT_DIR/<method>-<phase>-pushed.safetensors`` (for LoRA also a merged export,
+``<method>-<phase>-merged-hf``). Under SLURM with
 ``--requeue``, ``SLURMRequeue`` answers SIGUSR1 and the file is ``<method>-slurm-<restart count>.json``.
 """
 
@@ -111,13 +113,20 @@ def run(method: str, args: argparse.Namespace) -> None:
     if slurm:
         callbacks.append(ltpost.SLURMRequeue(check_every_n_steps=2))  # the signal lands at step 2 or 3
     if args.export:
-        callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-hf")))
+        lora = method == "sft-lora"
+        if not (lora and args.strategy.startswith("fsdp1")):  # FSDP1 refuses an adapter export (PEFT's names)
+            callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-hf")))
+        if lora:
+            callbacks.append(ltpost.HFExport(dirpath=str(out / f"{method}-{tag}-merged-hf"), merge_lora=True))
+        if method != "sft-qlora":  # a 4-bit base is not what a vLLM engine is sent
+            callbacks.append(SavePushedWeights(out / f"{method}-{tag}-pushed.safetensors"))
     callbacks.append(WriteReport(record, out / f"{method}-{tag}.json", method, args.strategy, out / f"{method}-ckpt"))
     presets = {
         "fsdp2": lambda: ltpost.strategies.FSDP2Strategy(),
         "fsdp1": lambda: ltpost.strategies.FSDP1Strategy(),
+        "fsdp1-ac": lambda: ltpost.strategies.FSDP1Strategy(activation_checkpointing=True),
         "zero2": lambda: cpu_shims.CPUDeepSpeedZeRO2Strategy(),
-        "zero3": lambda: cpu_shims.CPUDeepSpeedZeRO3Strategy(),
+        "zero3-ac": lambda: cpu_shims.CPUDeepSpeedZeRO3Strategy(activation_checkpointing=True),
         # bf16 gathers and compute, fp32 reduction and master weights, activation checkpointing, no reshard
         "fsdp2-bf16": lambda: ltpost.strategies.FSDP2Strategy(
             mixed_precision="bf16", activation_checkpointing=True, reshard_after_forward=False
@@ -145,6 +154,24 @@ def run(method: str, args: argparse.Namespace) -> None:
         assert found, f"no checkpoint of step {args.stop_at} in {out / f'{method}-ckpt'}"
         ckpt_path = str(found[0])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+
+class SavePushedWeights(Callback):
+    """What VLLMSync would push to a vLLM engine at the end of training (adapters merged, shards gathered, under the
+    base model's names), saved by rank 0 to ``path``; every rank takes part in the gathers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from safetensors.torch import save_file
+
+        from ltpost.rollout.weights import policy_weights
+
+        with policy_weights(pl_module.model, trainer.strategy.model) as weights:
+            pushed = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in weights}
+        if trainer.is_global_zero:
+            save_file(pushed, str(self.path))
 
 
 class WriteReport(Callback):
