@@ -185,12 +185,13 @@ def reshard_after_forward_of(unit: nn.Module, root: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def gathered_root(root: nn.Module | None) -> Iterator[None]:
-    """Under FSDP1, gather the root unit's own parameters (those outside every decoder-layer unit: embeddings, final
-    norm, head) for calls to the model outside a training or validation step, such as a reference precompute.
+def gathered_fsdp1(root: nn.Module | None, recurse: bool = True) -> Iterator[None]:
+    """Under FSDP1, gather parameters read-only for calls to the model outside a training or validation step.
 
-    FSDP1 wraps the LightningModule as the root unit, so it gathers them only around ``training_step`` /
-    ``validation_step``. Costs the memory of those parameters for the length of the block. ``root`` is
+    FSDP1 wraps the LightningModule as the root unit, and gathers the root's own parameters (embeddings, final
+    norm, head: those outside every decoder-layer unit) only around ``training_step`` / ``validation_step``.
+    ``recurse=False`` gathers just those (enough to run forwards: the layer units gather themselves; costs their
+    memory), ``recurse=True`` every unit (a full copy per rank, to read all weights). ``root`` is
     ``trainer.strategy.model``; anything but an FSDP1 root passes through.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -198,7 +199,7 @@ def gathered_root(root: nn.Module | None) -> Iterator[None]:
     if not isinstance(root, FullyShardedDataParallel):
         yield
         return
-    with FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False):
+    with FullyShardedDataParallel.summon_full_params(root, recurse=recurse, writeback=False):
         yield
 
 

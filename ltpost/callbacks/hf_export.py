@@ -27,7 +27,7 @@ def gathered_state_dict(model: torch.nn.Module, root: torch.nn.Module | None = N
     ``save_pretrained`` writes it once, as it does for an unsharded model.
     """
     if isinstance(root, FullyShardedDataParallel):
-        if hasattr(model, "peft_config"):
+        if is_peft_model(model):
             raise NotImplementedError(
                 "HFExport cannot write a LoRA adapter from under FSDP1Strategy: PEFT picks the adapter's entries by "
                 "module path, which FSDP1's wrappers change. Use FSDP2Strategy (LoRA export tested) or DDP, or "

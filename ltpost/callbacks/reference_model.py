@@ -33,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from ltpost.strategies import gathered_root, is_sharded, no_grad_for
+from ltpost.strategies import gathered_fsdp1, is_sharded, no_grad_for
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class ReferenceModel(Callback):
 
     def _precompute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:
         # FSDP1 gathers the root's parameters only inside a step; this runs before the first one.
-        with no_grad_for(pl_module.model), gathered_root(trainer.strategy.model):
+        with no_grad_for(pl_module.model), gathered_fsdp1(trainer.strategy.model, recurse=False):
             self._precompute_tables(trainer, pl_module, splits)
 
     def _precompute_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: list[str]) -> None:

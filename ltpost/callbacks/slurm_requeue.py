@@ -5,8 +5,8 @@ SLURM warns a job before it ends (``#SBATCH --signal=USR1@90``: SIGUSR1 90 s bef
 the checkpoint inside the signal handler, at whatever point each rank happens to be; with several ranks their
 checkpoint collectives can interleave with a collective of the step in flight. This callback only notes the
 signal, and every ``check_every_n_steps`` optimizer steps all ranks agree on it (one scalar all-reduce, a host
-sync, which is why it is not every step; ranks receive signals at different moments), save ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` together,
-and the run stops; at teardown (loggers flushed, end-of-fit callbacks done) rank 0 runs ``scontrol requeue``,
+sync, which is why it is not every step; ranks receive signals at different moments), save ``hpc_ckpt_<n>.ckpt``
+in ``default_root_dir`` together, and the run stops; at teardown (loggers flushed, end-of-fit callbacks done) rank 0 runs ``scontrol requeue``,
 which ends the job's processes at once: code after ``trainer.fit`` may not run. Lightning resumes from the newest ``hpc_ckpt_*`` by
 itself when the requeued job starts on SLURM (``fit`` without ``ckpt_path``), and with ltpost's resumable
 state the run continues exactly.

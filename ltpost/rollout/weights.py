@@ -7,7 +7,7 @@ full (unsharded) tensors:
   (``base_model.model.``, ``.base_layer``, ``.modules_to_save.default``) are stripped and the adapter matrices
   skipped, so the names are the base model's. ``merged_adapters`` unmerges on exit, errors included.
 - FSDP2: a ``DTensor`` is gathered with ``full_tensor()`` (a collective: every rank must iterate, in the same order).
-- FSDP1: the root's ``summon_full_params`` around the whole iteration (``gathered_fsdp1``).
+- FSDP1: the root's ``summon_full_params`` around the whole iteration (``ltpost.strategies.gathered_fsdp1``).
 - DeepSpeed ZeRO-3: partitioned parameters (those with a ``ds_id``) are gathered with
   ``deepspeed.zero.GatheredParameters`` around the whole iteration (``gathered_zero3``), imported only then.
 
@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ltpost.strategies import base_model, gathered_fsdp1
+
 PEFT_PREFIX = "base_model.model."
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-
-
-def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if is_peft_model(model) else model
 
 
 def hf_name(name: str) -> str | None:
@@ -107,18 +104,6 @@ def policy_weights(model: torch.nn.Module, root: torch.nn.Module | None = None):
         yield hf_weights(model)
 
 
-@contextmanager
-def gathered_fsdp1(root: torch.nn.Module | None):
-    """Every FSDP1 unit under ``root`` gathered, read-only, while the block runs; nothing for anything else."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not isinstance(root, FullyShardedDataParallel):
-        yield
-        return
-    with FullyShardedDataParallel.summon_full_params(root, writeback=False):
-        yield
-
-
 def save_safetensors(weights: Iterator[tuple[str, Tensor]], folder: str | Path) -> Path:
     """Write ``weights`` to ``folder/model.safetensors`` (CPU, contiguous copies), for an engine in another process.
     Returns the file. The file is written beside and renamed into place, so a reader never sees half of it."""
@@ -161,7 +146,6 @@ def save_engine_folder(model: torch.nn.Module, tokenizer, folder: str | Path) ->
 __all__ = [
     "base_model",
     "full_tensor",
-    "gathered_fsdp1",
     "gathered_zero3",
     "hf_name",
     "hf_weights",
